@@ -1,0 +1,9 @@
+"""Subcommands owned by `pipelines`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add this package's subcommands to the `maskedkd` parser."""

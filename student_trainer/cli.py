@@ -1,0 +1,9 @@
+"""Subcommands owned by this package."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add this package's subcommands to the `maskedkd` parser."""
