@@ -14,6 +14,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this package's subcommands to the `maskedkd` parser."""
     add_prepare(subparsers)
     add_train_teacher(subparsers)
+    add_demo(subparsers)
 
 
 def add_prepare(subparsers: argparse._SubParsersAction) -> None:
@@ -162,4 +163,70 @@ def run_train_teacher(args: argparse.Namespace) -> int:
     )
     summary = train_teacher(config)
     print(json.dumps({k: summary[k] for k in ("checkpoint", "test_top1", "steps", "wall_s")}))
+    return 0
+
+
+def add_demo(subparsers: argparse._SubParsersAction) -> None:
+    from pipelines.demo import SHIPPED_TEACHER, DemoConfig
+
+    defaults = DemoConfig()
+    parser = subparsers.add_parser(
+        "demo",
+        help="serve the shipped teacher and train three students against it",
+        description="Prepare Fashion-MNIST shards, start `maskedkd serve` with the shipped "
+        "teacher on 127.0.0.1, train the same student with no teacher, with full-image KD "
+        "and with MaskedKD keeping 50%% of patches (both through the service), then print "
+        "and save the comparison.",
+    )
+    parser.add_argument("--out", default=str(defaults.out), help="output folder")
+    parser.add_argument("--source", default=str(defaults.source), help="Fashion-MNIST IDX folder")
+    parser.add_argument(
+        "--data", default=str(defaults.data), help="shard folder, prepared when missing"
+    )
+    parser.add_argument(
+        "--teacher", default=str(SHIPPED_TEACHER), help="teacher checkpoint to serve"
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=defaults.epochs, help="epochs per student run"
+    )
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="stop each student run after this many steps (default: full epochs)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=defaults.batch_size, help="images per step"
+    )
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="student peak learning rate")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed shared by all runs")
+    parser.add_argument(
+        "--port", type=int, default=0, help="service port on 127.0.0.1 (default: a free one)"
+    )
+    parser.add_argument(
+        "--ready-timeout-s",
+        type=float,
+        default=defaults.ready_timeout_s,
+        help="seconds to wait for the service to become ready",
+    )
+    parser.set_defaults(func=run_demo_command)
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    from pipelines.demo import DemoConfig, run_demo
+
+    config = DemoConfig(
+        out=Path(args.out),
+        source=Path(args.source),
+        data=Path(args.data),
+        teacher=Path(args.teacher),
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        port=args.port,
+        ready_timeout_s=args.ready_timeout_s,
+    )
+    run_demo(config)
     return 0
