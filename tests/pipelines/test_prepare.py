@@ -1,7 +1,5 @@
 import gzip
 import json
-import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,26 +14,7 @@ from pipelines.prepare import (
     prepare_image_folder,
 )
 from student_trainer.data import list_shards, make_loader, read_dataset_info
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    magic = 0x0800 | array.ndim
-    header = struct.pack(">I", magic) + struct.pack(f">{array.ndim}I", *array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
-def make_fashion_source(root: Path, num_train: int = 36, num_test: int = 12) -> dict:
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for split, count in (("train", num_train), ("test", num_test)):
-        images = rng.integers(0, 256, size=(count, 28, 28), dtype=np.uint8)
-        labels = (np.arange(count) % 10).astype(np.uint8)
-        images_name, labels_name = FASHION_MNIST_FILES[split]
-        write_idx(root / images_name, images)
-        write_idx(root / labels_name, labels)
-        arrays[split] = (images, labels)
-    return arrays
+from tests.pipelines.conftest import write_fashion_source
 
 
 def read_all(shards: list[str]) -> dict[str, tuple[np.ndarray, int]]:
@@ -49,7 +28,7 @@ def read_all(shards: list[str]) -> dict[str, tuple[np.ndarray, int]]:
 def test_prepare_fashion_mnist_counts_and_labels(tmp_path):
     source = tmp_path / "source"
     source.mkdir()
-    arrays = make_fashion_source(source)
+    arrays = write_fashion_source(source)
     out = tmp_path / "shards"
 
     info = prepare_fashion_mnist(source, PrepareConfig(out, samples_per_shard=10))
@@ -73,7 +52,7 @@ def test_prepare_fashion_mnist_counts_and_labels(tmp_path):
 def test_prepare_keys_have_no_dots(tmp_path):
     source = tmp_path / "source"
     source.mkdir()
-    make_fashion_source(source, num_train=5, num_test=3)
+    write_fashion_source(source, num_train=5, num_test=3)
     out = tmp_path / "shards"
     prepare_fashion_mnist(source, PrepareConfig(out))
 
@@ -86,7 +65,7 @@ def test_prepare_keys_have_no_dots(tmp_path):
 def test_prepare_truncated_idx_raises(tmp_path):
     source = tmp_path / "source"
     source.mkdir()
-    make_fashion_source(source)
+    write_fashion_source(source)
     images_path = source / FASHION_MNIST_FILES["train"][0]
     with gzip.open(images_path, "rb") as f:
         data = f.read()
@@ -106,7 +85,7 @@ def test_prepare_missing_source_raises(tmp_path):
 def test_prepare_not_gzip_raises(tmp_path):
     source = tmp_path / "source"
     source.mkdir()
-    make_fashion_source(source)
+    write_fashion_source(source)
     (source / FASHION_MNIST_FILES["test"][1]).write_bytes(b"not a gzip file at all")
 
     with pytest.raises(DatasetSourceError, match="gzip"):
@@ -116,7 +95,7 @@ def test_prepare_not_gzip_raises(tmp_path):
 def test_prepare_rerun_after_crash_completes(tmp_path):
     source = tmp_path / "source"
     source.mkdir()
-    make_fashion_source(source)
+    write_fashion_source(source)
     out = tmp_path / "shards"
     prepare_fashion_mnist(source, PrepareConfig(out, samples_per_shard=10))
     # Simulate a crash midway: the info file and one shard never got written, and a
@@ -135,7 +114,7 @@ def test_prepare_rerun_after_crash_completes(tmp_path):
 def test_prepare_rerun_skips_complete_output(tmp_path):
     source = tmp_path / "source"
     source.mkdir()
-    make_fashion_source(source)
+    write_fashion_source(source)
     out = tmp_path / "shards"
     prepare_fashion_mnist(source, PrepareConfig(out))
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
@@ -180,7 +159,7 @@ def test_prepare_image_folder_mixed_sizes_raise(tmp_path):
 def test_prepare_cli_writes_dataset(tmp_path, capsys):
     source = tmp_path / "source"
     source.mkdir()
-    make_fashion_source(source, num_train=4, num_test=2)
+    write_fashion_source(source, num_train=4, num_test=2)
     out = tmp_path / "shards"
 
     code = main(["prepare", "fashion-mnist", "--source", str(source), "--out", str(out)])
