@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import struct
 import tempfile
@@ -517,6 +518,8 @@ def _validate_spec(spec: TeacherSpec) -> None:
                 f"{label} {values} has {len(values)} values for in_chans={spec.in_chans}; "
                 f"pass one value per channel"
             )
+    if not all(math.isfinite(value) for value in (*spec.mean, *spec.std)):
+        raise ValueError(f"mean {spec.mean} and std {spec.std} must be finite numbers")
     if any(not value > 0 for value in spec.std):
         raise ValueError(f"std {spec.std} must be positive in every channel")
 
