@@ -1,11 +1,11 @@
 """Teacher loading and the portable teacher checkpoint.
 
 A portable checkpoint is one safetensors file. Its header metadata key `maskedkd` contains
-a JSON object that records everything needed to rebuild and feed the teacher: the timm
-architecture name and constructor kwargs, the input image size, patch size and channel
-count, the number of classes and their names, and the input normalisation (mean and std
-on the [0, 1] pixel scale). Weights are stored as float16, bfloat16 or float32 and are
-always loaded back as float32. Loading never unpickles anything.
+a JSON object with everything needed to rebuild and feed the teacher. That is the timm
+architecture name and constructor kwargs, the image size, patch size and channel count,
+the class count and class names, and the input normalisation (mean and std on the [0, 1]
+pixel scale). Weights are stored as float16, bfloat16 or float32 and are always loaded
+back as float32. Loading never unpickles anything.
 """
 
 from __future__ import annotations
@@ -241,9 +241,9 @@ def save_teacher(
     )
     os.close(file_descriptor)
     try:
-        safetensors.torch.save_file(
-            tensors, temp_name, metadata={METADATA_KEY: metadata_json, "format": "pt"}
-        )
+        # One metadata key only: safetensors writes metadata in hash-map order, so a second
+        # key would make the bytes, and the digest, differ between saves of equal weights.
+        safetensors.torch.save_file(tensors, temp_name, metadata={METADATA_KEY: metadata_json})
         with open(temp_name, "rb") as stream:
             os.fsync(stream.fileno())
         digest = file_digest(temp_name)
@@ -275,8 +275,8 @@ def state_dict_digest(model: nn.Module) -> str:
     hasher = hashlib.sha256()
     state = model.state_dict()
     for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous()
-        hasher.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+        tensor = state[name].detach().cpu().contiguous().reshape(-1)
+        hasher.update(f"{name}|{tensor.dtype}|{list(state[name].shape)}|".encode())
         hasher.update(tensor.view(torch.uint8).numpy().tobytes())
     return hasher.hexdigest()
 
@@ -487,7 +487,7 @@ def _check_spec_matches_model(spec: TeacherSpec, model: nn.Module) -> None:
         stored, actual = getattr(spec, name), getattr(built, name)
         if stored != actual:
             raise ValueError(
-                f"checkpoint metadata says {name}={stored} but timm builds {spec.arch!r} with "
+                f"checkpoint metadata has {name}={stored} but timm builds {spec.arch!r} with "
                 f"{name}={actual}; add {name} to model_kwargs when exporting"
             )
 

@@ -11,6 +11,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from teacher_service.serve_cli import add_info_parser, add_serve_parser
+
 logger = logging.getLogger(__name__)
 
 EXPORT_DTYPES = ("float16", "float32")
@@ -28,6 +30,8 @@ MODEL_KWARG_OPTIONS = (
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this package's subcommands to the `maskedkd` parser."""
+    add_serve_parser(subparsers)
+    add_info_parser(subparsers)
     _add_export_teacher(subparsers)
 
 
@@ -163,6 +167,20 @@ def _add_export_teacher(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="keep timm's random initialisation instead (for tests and benchmarks)",
     )
+    _add_architecture_options(parser)
+    _add_input_options(parser)
+    parser.add_argument(
+        "--dtype",
+        choices=EXPORT_DTYPES,
+        default="float16",
+        help="storage dtype of the weights in the file; loading always gives float32 "
+        "(default: float16, half the size)",
+    )
+    parser.set_defaults(func=_run_export_teacher)
+
+
+def _add_architecture_options(parser: argparse.ArgumentParser) -> None:
+    """Add the options passed to `timm.create_model`."""
     parser.add_argument(
         "--img-size",
         type=_int_or_pair,
@@ -206,6 +224,10 @@ def _add_export_teacher(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         help="attention heads per block; must divide --embed-dim (default: the model's)",
     )
+
+
+def _add_input_options(parser: argparse.ArgumentParser) -> None:
+    """Add the options stored in the spec beside the weights: class names and normalisation."""
     parser.add_argument(
         "--class-names",
         type=_name_list,
@@ -226,14 +248,6 @@ def _add_export_teacher(subparsers: argparse._SubParsersAction) -> None:
         help="per-channel input standard deviation on the [0, 1] pixel scale, one value per "
         "channel (default: the model's pretrained config)",
     )
-    parser.add_argument(
-        "--dtype",
-        choices=EXPORT_DTYPES,
-        default="float16",
-        help="storage dtype of the weights in the file; loading always gives float32 "
-        "(default: float16, half the size)",
-    )
-    parser.set_defaults(func=_run_export_teacher)
 
 
 def _positive_int(text: str) -> int:

@@ -155,11 +155,13 @@ class MaskedTeacher:
     def macs_per_image(self, keep_count: int) -> int:
         """Return the analytic multiply-accumulates for one image with `keep_count` patches.
 
-        Counted: the patch embedding (keep_count * patch_dim * embed_dim), every linear layer
-        inside the blocks (attention qkv and output projection, MLP layers) applied to all
-        tokens (prefix tokens plus kept patches), the two attention matmuls (q @ k^T and
-        attn @ v, tokens^2 * attention width each), and the classifier head (and the
-        distillation head where there is one).
+        Counted, with tokens = prefix tokens + keep_count:
+
+        - patch embedding: keep_count * patch_dim * embed_dim
+        - every linear layer in the blocks (attention qkv and output projection, MLP
+          layers): tokens * in_features * out_features
+        - the two attention matmuls, q @ k^T and attn @ v: tokens^2 * attention width each
+        - the classifier head, and the distillation head where there is one
 
         Not counted: layer norms, softmax, activations, bias adds, residual adds, the
         position-embedding add, pooling, input normalisation, and attention-pooling heads
@@ -512,8 +514,8 @@ class _CountGroup:
 def _group_by_count(rows: Sequence[torch.Tensor]) -> list[_CountGroup]:
     """Group rows by kept count and sort each row's indices.
 
-    Sorting makes the result independent of the order of indices within a row, bit for bit:
-    the tokens then enter the blocks in the same order whatever order the caller used.
+    Sorting makes the result independent of the order of indices within a row, bit for bit,
+    because the tokens then enter the blocks in the same order whatever the caller's order.
     """
     by_count: dict[int, list[int]] = {}
     for row, row_keep in enumerate(rows):
