@@ -1,0 +1,403 @@
+"""`maskedkd serve` and `maskedkd info`.
+
+`serve` starts a local Ray (no dashboard) unless `--address` names a running cluster,
+deploys the teacher application, logs its URL, and serves until SIGINT or SIGTERM.
+`info` prints a running service's model card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from teacher_service.service_config import (
+    AMP_CHOICES,
+    DEFAULT_APP_NAME,
+    DEFAULT_MAX_BODY_BYTES,
+    ServiceConfig,
+)
+
+logger = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+
+
+@dataclass
+class ServeCommandConfig:
+    """Settings of `maskedkd serve`.
+
+    Attributes:
+        service: the application's settings.
+        host: address the HTTP proxy listens on.
+        port: TCP port of the HTTP proxy.
+        address: Ray cluster address ("auto" or "HOST:PORT"), or None to start a local Ray.
+        ray_num_cpus: CPUs a local Ray may use, or None for all of this machine's.
+        app_name: Serve application name, which `RayTeacherClient` uses.
+        route_prefix: URL path prefix of the application.
+        detach: with `address`, exit after deploying and leave the application running.
+    """
+
+    service: ServiceConfig
+    host: str = "127.0.0.1"
+    port: int = 8000
+    address: str | None = None
+    ray_num_cpus: int | None = None
+    app_name: str = DEFAULT_APP_NAME
+    route_prefix: str = "/"
+    detach: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ServeCommandConfig:
+        """Build the config from parsed `serve` arguments."""
+        service = ServiceConfig(
+            teacher=args.teacher,
+            random_init=args.random_init,
+            device=args.device,
+            amp=args.amp,
+            num_replicas=args.replicas,
+            num_gpus=args.num_gpus,
+            num_cpus=args.num_cpus,
+            max_batch_images=args.max_batch_images,
+            batch_wait_ms=args.batch_wait_ms,
+            max_images_per_request=args.max_images_per_request,
+            max_images_in_flight=args.max_images_in_flight,
+            max_body_bytes=int(args.max_body_mib * MIB),
+            token_file=args.token_file,
+        )
+        return cls(
+            service=service,
+            host=args.host,
+            port=args.port,
+            address=args.address,
+            ray_num_cpus=args.ray_num_cpus,
+            app_name=args.app_name,
+            route_prefix=args.route_prefix,
+            detach=args.detach,
+        )
+
+
+def _check_teacher_source(teacher: str) -> None:
+    looks_like_path = teacher.endswith(".safetensors") or os.sep in teacher
+    if looks_like_path and not Path(teacher).is_file():
+        raise ValueError(f"teacher checkpoint {teacher!r} not found; check the path")
+
+
+def serve_teacher(config: ServeCommandConfig) -> int:
+    """Deploy the teacher application and serve until SIGINT or SIGTERM.
+
+    Returns:
+        0 after a clean shutdown, 2 for invalid settings, 1 when deployment failed.
+    """
+    try:
+        _check_teacher_source(config.service.teacher)
+        if config.detach and config.address is None:
+            raise ValueError("--detach needs --address; a local Ray stops when serve exits")
+    except ValueError as error:
+        logger.error("serve: %s", error)
+        return 2
+
+    import ray
+    from ray import serve
+
+    from teacher_service.deployment import build_app
+
+    local = config.address is None
+    if local:
+        logger.info("starting a local Ray with %s CPUs", config.ray_num_cpus or "all")
+        ray.init(num_cpus=config.ray_num_cpus, include_dashboard=False)
+    else:
+        logger.info("connecting to the Ray cluster at %s", config.address)
+        ray.init(address=config.address)
+    try:
+        serve.start(http_options={"host": config.host, "port": config.port})
+        app = build_app(_service_args(config.service))
+        handle = serve.run(app, name=config.app_name, route_prefix=config.route_prefix)
+        card: dict[str, Any] = handle.model_card.remote().result(timeout_s=120)
+    except ValueError as error:
+        logger.error("serve: %s", error)
+        _shutdown(config, local)
+        return 2
+    except Exception as error:  # deployment failures surface as RuntimeError and Ray errors
+        logger.error("serve: deploying %s failed: %s", config.app_name, error)
+        _shutdown(config, local)
+        return 1
+
+    if local:
+        where = f"http://{config.host}:{config.port}{config.route_prefix.rstrip('/')}"
+    else:
+        # A cluster whose Serve was already running keeps the HTTP host and port it
+        # started with; --host and --port apply only when this command starts Serve.
+        where = f"route prefix {config.route_prefix} of the cluster's Serve HTTP proxy"
+    logger.info(
+        "teacher service ready at %s (app %r): %s, %dx%d px, %dx%d patches of %dx%d px, "
+        "%d classes, %d replica(s)",
+        where,
+        config.app_name,
+        card["arch"],
+        *card["img_size"],
+        *card["grid_size"],
+        *card["patch_size"],
+        card["num_classes"],
+        config.service.num_replicas,
+    )
+    if config.detach:
+        logger.info("leaving %r running on the cluster", config.app_name)
+        ray.shutdown()
+        return 0
+
+    # Installed after ray.init, which may install handlers of its own.
+    stop = threading.Event()
+    for signal_number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signal_number, lambda number, frame: stop.set())
+    while not stop.wait(timeout=1.0):
+        pass
+    logger.info("stopping the teacher service")
+    _shutdown(config, local)
+    return 0
+
+
+def _service_args(service: ServiceConfig) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(service)
+
+
+def _shutdown(config: ServeCommandConfig, local: bool) -> None:
+    import ray
+    from ray import serve
+
+    try:
+        if local:
+            serve.shutdown()
+        else:
+            # Other applications may share the cluster's Serve instance: remove only ours.
+            serve.delete(config.app_name)
+    except Exception as error:  # shutting down anyway; report and continue
+        logger.warning("stopping Serve failed: %s", error)
+    ray.shutdown()
+
+
+@dataclass
+class InfoCommandConfig:
+    """Settings of `maskedkd info`.
+
+    Attributes:
+        url: base URL of the service.
+        token_file: file whose first line is the bearer token, or None.
+        timeout_s: timeout of the request, in seconds.
+    """
+
+    url: str
+    token_file: str | None = None
+    timeout_s: float = 10.0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> InfoCommandConfig:
+        """Build the config from parsed `info` arguments."""
+        return cls(url=args.url, token_file=args.token_file, timeout_s=args.timeout_s)
+
+
+def show_info(config: InfoCommandConfig) -> int:
+    """Print the model card of a running service as JSON.
+
+    Returns:
+        0 on success, 1 when the service could not be reached or rejected the request.
+    """
+    from teacher_service.client import TeacherClient, TeacherServiceError
+
+    token = None
+    if config.token_file is not None:
+        try:
+            token = Path(config.token_file).read_text(encoding="utf-8").splitlines()[0].strip()
+        except (OSError, IndexError) as error:
+            logger.error("info: cannot read a token from %s: %s", config.token_file, error)
+            return 1
+    try:
+        with TeacherClient(
+            config.url, token=token, timeout_s=config.timeout_s, retries=1
+        ) as client:
+            card = client.info()
+    except TeacherServiceError as error:
+        logger.error("info: %s", error)
+        return 1
+    print(json.dumps(card, indent=2))
+    return 0
+
+
+def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `serve` subcommand."""
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve a teacher over HTTP and Ray Serve handles",
+        description=(
+            "Deploy the masked teacher as a Ray Serve application with an HTTP API under "
+            "/v1 and serve until interrupted (SIGINT or SIGTERM). Without --address a local "
+            "Ray is started on this machine."
+        ),
+    )
+    parser.add_argument(
+        "--teacher",
+        required=True,
+        metavar="FILE_OR_TIMM_NAME",
+        help="portable .safetensors teacher checkpoint (readable on every replica's node) or "
+        "a timm model name",
+    )
+    parser.add_argument(
+        "--random-init",
+        action="store_true",
+        help="with a timm name, use random weights instead of downloading pretrained ones "
+        "(tests and benchmarks only)",
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address the HTTP server binds (default: 127.0.0.1)"
+    )
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    parser.add_argument(
+        "--replicas", type=_positive_int, default=1, help="number of teacher replicas (default: 1)"
+    )
+    parser.add_argument(
+        "--num-gpus",
+        type=float,
+        default=0.0,
+        metavar="G",
+        help="GPUs per replica; fractions share one GPU (default: 0, CPU only)",
+    )
+    parser.add_argument(
+        "--num-cpus",
+        type=float,
+        default=1.0,
+        metavar="C",
+        help="CPUs per replica; also the replica's torch thread count (default: 1)",
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="device of the engine: auto (CUDA when the replica has a GPU), cpu, cuda or "
+        "cuda:N (default: auto)",
+    )
+    parser.add_argument(
+        "--amp",
+        choices=AMP_CHOICES,
+        default="none",
+        help="autocast dtype on CUDA: none (float32), bf16 or fp16 (default: none)",
+    )
+    parser.add_argument(
+        "--max-batch-images",
+        type=_positive_int,
+        default=256,
+        metavar="B",
+        help="maximum images merged into one engine batch, summed over requests (default: 256)",
+    )
+    parser.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=5.0,
+        metavar="W",
+        help="milliseconds a batch waits for more requests after its first (default: 5)",
+    )
+    parser.add_argument(
+        "--max-images-per-request",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="maximum images in one request, at most --max-batch-images "
+        "(default: --max-batch-images)",
+    )
+    parser.add_argument(
+        "--max-images-in-flight",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="maximum images one replica admits at once; past it, requests get 503 with "
+        "Retry-After (default: 4 x --max-batch-images)",
+    )
+    parser.add_argument(
+        "--max-body-mib",
+        type=float,
+        default=DEFAULT_MAX_BODY_BYTES / MIB,
+        metavar="MIB",
+        help="largest request body in MiB; larger bodies get 413 (default: 64)",
+    )
+    parser.add_argument(
+        "--token-file",
+        metavar="F",
+        help="file whose first line is a bearer token that /v1/teacher, /v1/logits and "
+        "/metrics require (default: no authentication)",
+    )
+    parser.add_argument(
+        "--address",
+        metavar="ADDR",
+        help="Ray cluster to deploy onto: auto or HOST:PORT (default: start a local Ray)",
+    )
+    parser.add_argument(
+        "--ray-num-cpus",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="CPUs the local Ray may use, without --address (default: all of this machine's)",
+    )
+    parser.add_argument(
+        "--app-name",
+        default=DEFAULT_APP_NAME,
+        help=f"Serve application name, used by in-cluster clients (default: {DEFAULT_APP_NAME})",
+    )
+    parser.add_argument(
+        "--route-prefix",
+        default="/",
+        help="URL path prefix of the application (default: /)",
+    )
+    parser.add_argument(
+        "--detach",
+        action="store_true",
+        help="with --address, exit after deploying and leave the application running",
+    )
+    parser.set_defaults(func=_run_serve)
+
+
+def add_info_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `info` subcommand."""
+    parser = subparsers.add_parser(
+        "info",
+        help="print a running teacher service's model card",
+        description="Fetch GET /v1/teacher from a running service and print it as JSON.",
+    )
+    parser.add_argument(
+        "--url", required=True, help="base URL of the service, e.g. http://127.0.0.1:8000"
+    )
+    parser.add_argument(
+        "--token-file", metavar="F", help="file whose first line is the service's bearer token"
+    )
+    parser.add_argument(
+        "--timeout-s", type=float, default=10.0, help="request timeout in seconds (default: 10)"
+    )
+    parser.set_defaults(func=_run_info)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    try:
+        config = ServeCommandConfig.from_args(args)
+    except ValueError as error:
+        logger.error("serve: %s", error)
+        return 2
+    return serve_teacher(config)
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    return show_info(InfoCommandConfig.from_args(args))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
