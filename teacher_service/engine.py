@@ -206,9 +206,13 @@ class MaskedTeacher:
             [B, K, patch_dim] in the images' dtype, row b containing patches keep[b] in order.
         """
         self._check_image_shape(images)
-        rows = self._index_rows(keep, images.shape[0], ragged=False)
-        keep = torch.stack(rows) if rows else torch.empty(0, 0, dtype=torch.int64)
-        return self._gather(images, keep.to(images.device))
+        if not isinstance(keep, torch.Tensor):
+            raise ValueError(
+                f"keep must be a [B, K] integer tensor here, got {type(keep).__name__}; "
+                f"convert it with torch.as_tensor"
+            )
+        self._keep_groups(keep, images.shape[0])  # validation only
+        return self._gather(images, keep.to(images.device, torch.int64))
 
     def forward_images(self, images: torch.Tensor, keep: IndexInput | None = None) -> torch.Tensor:
         """Run the teacher on the kept patches of full images.
@@ -235,13 +239,14 @@ class MaskedTeacher:
                 logits = self._forward_tokens(patches, None)
             return logits.clone()
 
-        rows = self._index_rows(keep, batch_size)
+        groups = self._keep_groups(keep, batch_size)
         with torch.inference_mode():
             logits = torch.empty(batch_size, self.num_classes, device=self.device)
-            for group in _group_by_count(rows):
+            for group in groups:
                 row_ids = group.row_ids.to(self.device)
                 keep_group = group.sorted_keep.to(self.device)  # [G, K]
-                patches = self._gather(images[row_ids], keep_group)  # [G, K, patch_dim]
+                group_images = images if len(groups) == 1 else images[row_ids]
+                patches = self._gather(group_images, keep_group)  # [G, K, patch_dim]
                 logits[row_ids] = self._forward_tokens(patches, keep_group)
         return logits.clone()
 
@@ -260,25 +265,39 @@ class MaskedTeacher:
             ValueError: For mismatched shapes, wrong dtype, non-finite or out-of-range
                 pixels, or invalid indices.
         """
-        patch_rows = _as_rows(patches, "patches")
-        batch_size = len(patch_rows)
-        rows = self._index_rows(keep, batch_size)
-        for row, (row_patches, row_keep) in enumerate(zip(patch_rows, rows, strict=True)):
-            if row_patches.dim() != 2 or row_patches.shape != (row_keep.numel(), self.patch_dim):
-                raise ValueError(
-                    f"patches row {row} has shape {tuple(row_patches.shape)}, expected "
-                    f"({row_keep.numel()}, {self.patch_dim}): one row of C*ph*pw="
-                    f"{self.patch_dim} pixels per kept index"
-                )
-            self._check_pixels(row_patches)
+        if isinstance(patches, torch.Tensor) and isinstance(keep, torch.Tensor):
+            # Dense batch: validate and move the whole tensor at once.
+            if patches.dim() != 3:
+                self._check_patch_shape(patches, ("B", "K", self.patch_dim))
+            batch_size = patches.shape[0]
+            groups = self._keep_groups(keep, batch_size)
+            self._check_patch_shape(patches, (batch_size, keep.shape[1], self.patch_dim))
+            self._check_pixels(patches)
+            dense_patches: torch.Tensor | None = patches
+            patch_rows: list[torch.Tensor] = []
+        else:
+            dense_patches = None
+            patch_rows = _as_rows(patches, "patches")
+            batch_size = len(patch_rows)
+            groups = self._keep_groups(keep, batch_size)
+            counts = {
+                int(row): group.sorted_keep.shape[1] for group in groups for row in group.row_ids
+            }
+            for row, row_patches in enumerate(patch_rows):
+                self._check_patch_shape(row_patches, (counts[row], self.patch_dim), row=row)
+                self._check_pixels(row_patches)
 
         with torch.inference_mode():
             logits = torch.empty(batch_size, self.num_classes, device=self.device)
-            for group in _group_by_count(rows):
+            for group in groups:
                 row_ids = group.row_ids.to(self.device)
                 keep_group = group.sorted_keep.to(self.device)  # [G, K]
-                stacked = torch.stack([patch_rows[row] for row in group.row_ids.tolist()])
+                if dense_patches is not None:
+                    stacked = dense_patches
+                else:
+                    stacked = torch.stack([patch_rows[row] for row in group.row_ids.tolist()])
                 stacked = stacked.to(self.device, non_blocking=True)  # [G, K, patch_dim]
+
                 # Put each row's patches in the same (sorted) order as its indices.
                 order = group.order.to(self.device).unsqueeze(-1)  # [G, K, 1]
                 stacked = torch.gather(stacked, 1, order.expand(-1, -1, self.patch_dim))
@@ -342,67 +361,85 @@ class MaskedTeacher:
         kept = grid[batch_index, :, keep // grid_w, :, keep % grid_w, :]
         return kept.reshape(batch_size, keep.shape[1], self.patch_dim)
 
-    def _index_rows(
-        self, keep: IndexInput, batch_size: int, *, ragged: bool = True
-    ) -> list[torch.Tensor]:
-        """Validate indices and return them as one int64 CPU tensor per row, order kept."""
+    def _keep_groups(self, keep: IndexInput, batch_size: int) -> list[_CountGroup]:
+        """Validate kept indices and group the rows by kept count, indices sorted."""
         if isinstance(keep, torch.Tensor):
             if keep.dim() != 2 or keep.shape[0] != batch_size:
                 raise ValueError(
                     f"keep has shape {tuple(keep.shape)}, expected ({batch_size}, K) for a "
                     f"batch of {batch_size}"
                 )
-            index_rows = list(keep.unbind(0))
-        elif not ragged:
-            raise ValueError(
-                f"keep must be a [B, K] integer tensor here, got {type(keep).__name__}; "
-                f"convert it with torch.as_tensor"
-            )
+            matrix = self._check_index_values(keep, torch.arange(batch_size))
+            if batch_size == 0:
+                return []
+            sorted_keep, order = torch.sort(matrix, dim=1)
+            groups = [_CountGroup(torch.arange(batch_size), sorted_keep, order)]
         else:
-            index_rows = _as_rows(keep, "keep")
-            if len(index_rows) != batch_size:
+            rows = _as_rows(keep, "keep")
+            if len(rows) != batch_size:
                 raise ValueError(
-                    f"keep has {len(index_rows)} rows for a batch of {batch_size}; pass one "
+                    f"keep has {len(rows)} rows for a batch of {batch_size}; pass one "
                     f"index tensor per image"
                 )
-        return [self._check_row(row_keep, row) for row, row_keep in enumerate(index_rows)]
+            for row, row_keep in enumerate(rows):
+                if row_keep.dim() != 1:
+                    raise ValueError(
+                        f"keep row {row} has shape {tuple(row_keep.shape)}; each row must be 1-D"
+                    )
+            checked = [
+                self._check_index_values(row_keep.unsqueeze(0), torch.tensor([row]))[0]
+                for row, row_keep in enumerate(rows)
+            ]
+            groups = _group_by_count(checked)
+        for group in groups:
+            self._check_no_duplicates(group)
+        return groups
 
-    def _check_row(self, row_keep: torch.Tensor, row: int) -> torch.Tensor:
-        if not isinstance(row_keep, torch.Tensor):
+    def _check_index_values(self, keep: torch.Tensor, row_ids: torch.Tensor) -> torch.Tensor:
+        """Check dtype, count and range of a [R, K] index matrix; return it as CPU int64."""
+        first_row = int(row_ids[0]) if row_ids.numel() else 0
+        if keep.dtype not in _INDEX_DTYPES:
             raise ValueError(
-                f"keep row {row} is a {type(row_keep).__name__}; pass a 1-D integer tensor"
-            )
-        if row_keep.dtype not in _INDEX_DTYPES:
-            raise ValueError(
-                f"keep row {row} has dtype {row_keep.dtype}; pass integer patch indices "
+                f"keep has dtype {keep.dtype} (row {first_row}); pass integer patch indices "
                 f"(torch.long)"
             )
-        if row_keep.dim() != 1:
+        if keep.shape[1] == 0 and keep.shape[0] > 0:
             raise ValueError(
-                f"keep row {row} has shape {tuple(row_keep.shape)}; each row must be 1-D"
-            )
-        if row_keep.numel() == 0:
-            raise ValueError(
-                f"keep row {row} is empty; keep at least 1 patch per image "
+                f"keep row {first_row} is empty; keep at least 1 patch per image "
                 f"(or pass keep=None for all {self.num_patches})"
             )
-        row_keep = row_keep.detach().to("cpu", torch.int64)
-        low, high = int(row_keep.min()), int(row_keep.max())
-        if low < 0 or high >= self.num_patches:
-            bad = low if low < 0 else high
+        keep = keep.detach().to("cpu", torch.int64)
+        invalid = (keep < 0) | (keep >= self.num_patches)  # [R, K]
+        if bool(invalid.any()):
+            row, column = (int(value) for value in invalid.nonzero()[0])
+            grid_h, grid_w = self.grid_size
             raise ValueError(
-                f"keep row {row} contains index {bad}, outside 0..{self.num_patches - 1}; "
-                f"indices are row * {self.grid_size[1]} + col on the "
-                f"{self.grid_size[0]}x{self.grid_size[1]} patch grid"
+                f"keep row {int(row_ids[row])} contains index {int(keep[row, column])}, "
+                f"outside 0..{self.num_patches - 1}; indices are row * {grid_w} + col on "
+                f"the {grid_h}x{grid_w} patch grid"
             )
-        ordered = torch.sort(row_keep).values
-        repeated = ordered[1:][ordered[1:] == ordered[:-1]]
-        if repeated.numel():
+        return keep
+
+    @staticmethod
+    def _check_no_duplicates(group: _CountGroup) -> None:
+        sorted_keep = group.sorted_keep  # [G, K]
+        repeated = sorted_keep[:, 1:] == sorted_keep[:, :-1]  # [G, K - 1]
+        if bool(repeated.any()):
+            row, column = (int(value) for value in repeated.nonzero()[0])
             raise ValueError(
-                f"keep row {row} contains index {int(repeated[0])} more than once; "
-                f"pass each kept patch once"
+                f"keep row {int(group.row_ids[row])} contains index "
+                f"{int(sorted_keep[row, column])} more than once; pass each kept patch once"
             )
-        return row_keep
+
+    def _check_patch_shape(
+        self, patches: torch.Tensor, expected: tuple[int | str, ...], row: int | None = None
+    ) -> None:
+        if tuple(patches.shape) != expected:
+            where = "patches" if row is None else f"patches row {row}"
+            raise ValueError(
+                f"{where} has shape {tuple(patches.shape)}, expected {expected}: one row of "
+                f"C*ph*pw={self.patch_dim} pixels per kept index"
+            )
 
     def _check_image_shape(self, images: torch.Tensor) -> None:
         if not isinstance(images, torch.Tensor):

@@ -240,6 +240,7 @@ BAD_INPUTS: list[tuple[str, Any, Any, str]] = [
     ("negative_index", random_images(2), torch.tensor([[0, -1], [2, 3]]), "-1"),
     ("duplicate_index", random_images(2), torch.tensor([[0, 1], [7, 7]]), "7"),
     ("zero_kept", random_images(2), torch.empty(2, 0, dtype=torch.long), "empty"),
+    ("ragged_2d_row", random_images(2), [torch.tensor([1]), torch.tensor([[1, 2]])], "1-D"),
     (
         "zero_kept_ragged",
         random_images(2),
@@ -276,8 +277,28 @@ def test_forward_patches_rejects_wrong_patch_dim(vit: MaskedTeacher) -> None:
 
 def test_forward_patches_rejects_count_mismatch(vit: MaskedTeacher) -> None:
     patches = torch.zeros(2, 4, vit.patch_dim, dtype=torch.uint8)
-    with pytest.raises(ValueError, match=r"\(3, 192\)"):
+    with pytest.raises(ValueError, match=r"\(2, 3, 192\)"):
         vit.forward_patches(patches, random_keep(2, 3))
+
+
+def test_forward_patches_rejects_2d_tensor(vit: MaskedTeacher) -> None:
+    patches = torch.zeros(2, vit.patch_dim, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"\(2, 192\)"):
+        vit.forward_patches(patches, random_keep(2, 1))
+
+
+def test_forward_patches_rejects_ragged_row_shape(vit: MaskedTeacher) -> None:
+    patches = [torch.zeros(2, vit.patch_dim), torch.zeros(3, vit.patch_dim)]
+    keep = [torch.tensor([0, 1]), torch.tensor([4, 5])]
+    with pytest.raises(ValueError, match=r"patches row 1 has shape \(3, 192\)"):
+        vit.forward_patches(patches, keep)
+
+
+def test_forward_patches_rejects_row_count_mismatch(vit: MaskedTeacher) -> None:
+    patches = [torch.zeros(2, vit.patch_dim)]
+    keep = [torch.tensor([0, 1]), torch.tensor([4, 5])]
+    with pytest.raises(ValueError, match="2 rows for a batch of 1"):
+        vit.forward_patches(patches, keep)
 
 
 def test_forward_patches_rejects_bad_pixels(vit: MaskedTeacher) -> None:
