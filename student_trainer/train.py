@@ -1,0 +1,389 @@
+"""The MaskedKD student training loop.
+
+One step, with a teacher:
+
+    1. student forward on [0, 1] pixels; the qkv hook records CLS-attention saliency
+    2. select patches on the teacher grid and submit the teacher request (returns at once)
+    3. task-loss backward, with the graph kept, while the teacher works
+    4. wait for the teacher logits (the wait is recorded as `blocked_s`)
+    5. distillation-loss backward, optimizer step, learning-rate update
+
+The next batch is decoded in a background thread meanwhile. `train(config)` returns a
+summary dict; `maskedkd train` is its command line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from student_trainer.checkpointing import (
+    POINTER_NAME,
+    load_checkpoint,
+    save_checkpoint,
+    save_student_weights,
+    write_json_atomic,
+)
+from student_trainer.config import TrainConfig
+from student_trainer.data import make_loader
+from student_trainer.metrics import IntervalMeter, MetricsWriter, plot_metrics
+from student_trainer.prefetch import BackgroundIterator
+from student_trainer.trainer_setup import (
+    RunState,
+    Trainer,
+    autocast,
+    build_trainer,
+    capture_rng,
+    restore_rng,
+)
+
+__all__ = ["TrainConfig", "train"]
+
+logger = logging.getLogger(__name__)
+
+METRICS_NAME = "metrics.jsonl"
+PLOT_NAME = "metrics.png"
+SUMMARY_NAME = "summary.json"
+STUDENT_WEIGHTS_NAME = "student.safetensors"
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Train a student as `config` describes and return a summary of the run.
+
+    Validation of the options, the data and the teacher pairing happens before the first
+    step and raises ValueError with the offending values.
+
+    Returns:
+        Steps, epochs, evaluation top-1, teacher cost, time blocked on the teacher, and
+        the paths of the checkpoint, weights, metrics and plot.
+    """
+    config.validate()
+    run_dir = Path(config.out)
+    checkpoint = _checkpoint_to_resume(config, run_dir)
+    trainer = build_trainer(config, checkpoint.state if checkpoint else None)
+    writer = MetricsWriter(run_dir / METRICS_NAME)
+    try:
+        state = _start_state(trainer, checkpoint)
+        writer.write({"kind": "start", "step": state.step, **trainer.describe()})
+        with _stop_on_sigterm(trainer):
+            _run_epochs(trainer, state, writer)
+        return _finish(trainer, state, writer)
+    finally:
+        writer.close()
+        trainer.close()
+
+
+def _checkpoint_to_resume(config: TrainConfig, run_dir: Path) -> Any:
+    has_checkpoint = (run_dir / POINTER_NAME).is_file()
+    if not config.resume:
+        if has_checkpoint:
+            raise ValueError(
+                f"{run_dir} already contains a checkpoint; pass --resume to continue it or "
+                "choose a new --out folder"
+            )
+        return None
+    checkpoint = load_checkpoint(run_dir)
+    if checkpoint is None:
+        logger.warning("no checkpoint in %s to resume; starting at step 0", run_dir)
+    return checkpoint
+
+
+def _start_state(trainer: Trainer, checkpoint: Any) -> RunState:
+    if checkpoint is None:
+        return RunState()
+    saved_student = checkpoint.state.get("student")
+    if saved_student != trainer.student_description():
+        raise ValueError(
+            f"the checkpoint's student {saved_student} differs from the configured student "
+            f"{trainer.student_description()}; resume with the original student options"
+        )
+    trainer.vit.load_state_dict(checkpoint.model_state)
+    trainer.optimizer.load_state_dict(checkpoint.optimizer_state)
+    restore_rng(trainer, checkpoint.rng, checkpoint.state["numpy_rng"])
+    state = RunState.from_json(checkpoint.state["run"])
+    trainer.scheduler.step_update(num_updates=state.step)
+    logger.info(
+        "resumed at step %d (epoch %d, batch %d)", state.step, state.epoch, state.step_in_epoch
+    )
+    return state
+
+
+def _run_epochs(trainer: Trainer, state: RunState, writer: MetricsWriter) -> None:
+    config = trainer.config
+    while state.epoch < config.epochs and not _reached_max_steps(config, state):
+        epoch_meter = IntervalMeter()
+        completed = _train_epoch(trainer, state, writer, epoch_meter)
+
+        # Evaluate unless stopping on SIGTERM, where the grace period may be short.
+        evaluation = {} if trainer.stop_requested else evaluate(trainer)
+        epoch_record = {
+            "kind": "epoch",
+            "epoch": state.epoch,
+            "step": state.step,
+            "completed": completed,
+            **_prefixed(epoch_meter.summary(), "train_"),
+            **evaluation,
+            **state.totals(),
+        }
+        writer.write(epoch_record)
+        logger.info("epoch %d: %s", state.epoch, _short(epoch_record))
+        if evaluation:
+            state.last_val_top1 = evaluation["val_top1"]
+            state.best_val_top1 = max(state.best_val_top1 or 0.0, evaluation["val_top1"])
+        if completed:
+            state.epoch += 1
+            state.step_in_epoch = 0
+        _save(trainer, state)
+        if trainer.stop_requested:
+            break
+
+
+def _train_epoch(
+    trainer: Trainer, state: RunState, writer: MetricsWriter, epoch_meter: IntervalMeter
+) -> bool:
+    """Run the rest of the current epoch; return False when stopped before its end."""
+    config = trainer.config
+    loader = make_loader(
+        trainer.train_shards,
+        config.batch_size,
+        train=True,
+        seed=config.seed,
+        epoch=state.epoch,
+        num_workers=config.num_workers,
+    )
+    progress = tqdm(
+        total=trainer.steps_per_epoch,
+        initial=state.step_in_epoch,
+        desc=f"epoch {state.epoch}",
+        disable=not config.progress,
+        leave=False,
+    )
+    interval = IntervalMeter()
+    with BackgroundIterator(loader, depth=2) as batches, progress:
+        # A resumed epoch re-reads and skips the batches it had already trained on.
+        for _ in zip(range(state.step_in_epoch), batches, strict=False):
+            pass
+        for batch in batches:
+            if state.step_in_epoch >= trainer.steps_per_epoch:
+                break
+            step = train_step(trainer, batch, state.step)
+            state.add_step(step)
+            interval.add(step)
+            epoch_meter.add(step)
+            progress.update(1)
+            progress.set_postfix(loss=f"{step['loss']:.3f}", blocked=f"{step['blocked_s']:.3f}s")
+            if state.step % config.log_every == 0:
+                _log_interval(trainer, state, writer, interval)
+                interval = IntervalMeter()
+            if trainer.stop_requested or _reached_max_steps(config, state):
+                return False
+    return True
+
+
+def train_step(trainer: Trainer, batch: Any, step: int) -> dict[str, Any]:
+    """Run one optimizer step on a batch (uint8 images, labels, keys); return its numbers."""
+    images, labels, keys = batch
+    B = images.shape[0]
+    device = trainer.device
+    pixels = images.to(device, non_blocking=True).float().div_(255.0)  # [B, C, H, W] in [0, 1]
+    labels = labels.to(device, non_blocking=True)
+    target = labels
+    if trainer.mixup is not None:
+        pixels, target = trainer.mixup(pixels, labels)  # target: [B, classes] soft labels
+
+    # Student forward; the saliency hook records the CLS attention of the last block.
+    trainer.student.train()
+    with autocast(trainer):
+        output = trainer.student(pixels)
+
+    # Ask the teacher now, so that it works while the task-loss backward runs.
+    future = _submit_teacher_request(trainer, images, pixels, keys)
+
+    task_loss = trainer.task.task_loss(output, target)
+    scaler = trainer.scaler
+    blocked_s = 0.0
+    macs_spent = macs_saved = 0
+    if future is None:
+        scaler.scale(task_loss).backward()
+        kd_loss = torch.zeros((), device=device)
+    else:
+        scaler.scale(task_loss).backward(retain_graph=True)
+
+        # The only point where the trainer waits on the teacher.
+        wait_started = time.perf_counter()
+        result = future.result()
+        blocked_s = time.perf_counter() - wait_started
+
+        kd_loss = trainer.task.kd_loss(output, result.logits)
+        scaler.scale(trainer.task.kd_weight * kd_loss).backward()
+        macs_spent, macs_saved = result.macs_spent, result.macs_saved
+
+    _optimizer_step(trainer, step + 1)
+    task_value, kd_value = float(task_loss.detach()), float(kd_loss.detach())
+    return {
+        "images": B,
+        "loss": task_value + trainer.task.kd_weight * kd_value,
+        "task_loss": task_value,
+        "kd_loss": kd_value,
+        "correct": int((output.detach().argmax(dim=-1) == labels).sum()),
+        "blocked_s": blocked_s,
+        "macs_spent": macs_spent,
+        "macs_saved": macs_saved,
+    }
+
+
+def _submit_teacher_request(
+    trainer: Trainer, images: torch.Tensor, pixels: torch.Tensor, keys: list[str]
+) -> Any:
+    if not trainer.uses_teacher:
+        return None
+    B = images.shape[0]
+    if trainer.config.masking == "student":
+        saliency = trainer.saliency.pop()  # [B, student patches]
+    else:
+        saliency = torch.zeros(B, trainer.saliency.num_patches)  # only the shape is used
+    keep = trainer.select_patches(saliency).cpu()  # [B, K] teacher-grid indices
+    # Without Mixup the teacher gets the original uint8 pixels, half the bytes of the float16
+    # that float pixels travel as. With Mixup it must see the mixed images, as float in [0, 1].
+    teacher_pixels = images if trainer.mixup is None else pixels.detach().cpu()
+    return trainer.source.submit(teacher_pixels, keep, keys)
+
+
+def _optimizer_step(trainer: Trainer, num_updates: int) -> None:
+    scaler = trainer.scaler
+    if trainer.config.clip_grad is not None:
+        scaler.unscale_(trainer.optimizer)
+        torch.nn.utils.clip_grad_norm_(trainer.student.parameters(), trainer.config.clip_grad)
+    scaler.step(trainer.optimizer)
+    scaler.update()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.scheduler.step_update(num_updates=num_updates)
+
+
+@torch.no_grad()
+def evaluate(trainer: Trainer) -> dict[str, Any]:
+    """Return top-1 accuracy and mean cross-entropy of the student on the evaluation set."""
+    if not trainer.val_shards:
+        return {}
+    loader = make_loader(trainer.val_shards, trainer.config.batch_size, train=False)
+    trainer.student.eval()
+    trainer.saliency.enabled = False
+    correct = images_seen = 0
+    loss_sum = 0.0
+    try:
+        for images, labels, _ in loader:
+            pixels = images.to(trainer.device).float().div_(255.0)
+            labels = labels.to(trainer.device)
+            with autocast(trainer):
+                logits = trainer.student(pixels).float()
+            loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            correct += int((logits.argmax(dim=-1) == labels).sum())
+            images_seen += labels.numel()
+    finally:
+        trainer.student.train()
+        trainer.saliency.enabled = trainer.needs_saliency
+    if images_seen == 0:
+        raise ValueError(f"evaluation shards {trainer.val_shards} yielded no images")
+    return {
+        "val_top1": correct / images_seen,
+        "val_loss": loss_sum / images_seen,
+        "val_images": images_seen,
+    }
+
+
+def _log_interval(
+    trainer: Trainer, state: RunState, writer: MetricsWriter, interval: IntervalMeter
+) -> None:
+    record = {
+        "kind": "step",
+        "step": state.step,
+        "epoch": state.epoch,
+        "lr": trainer.optimizer.param_groups[0]["lr"],
+        **interval.summary(),
+        **state.totals(),
+    }
+    writer.write(record)
+    logger.debug("step %d: %s", state.step, _short(record))
+
+
+def _save(trainer: Trainer, state: RunState) -> None:
+    rng, numpy_rng = capture_rng(trainer)
+    save_checkpoint(
+        trainer.config.out,
+        model=trainer.vit,
+        optimizer=trainer.optimizer,
+        state={
+            "step": state.step,
+            "run": state.to_json(),
+            "student": trainer.student_description(),
+            "numpy_rng": numpy_rng,
+            "config": trainer.config.to_json(),
+        },
+        rng=rng,
+    )
+
+
+def _finish(trainer: Trainer, state: RunState, writer: MetricsWriter) -> dict[str, Any]:
+    run_dir = Path(trainer.config.out)
+    weights_path = run_dir / STUDENT_WEIGHTS_NAME
+    save_student_weights(weights_path, trainer.vit, trainer.student_description())
+    plot_path = run_dir / PLOT_NAME
+    plot_metrics(run_dir / METRICS_NAME, plot_path)
+    summary = {
+        "run_dir": str(run_dir),
+        "steps": state.step,
+        "epochs_completed": state.epoch,
+        "stopped_by_signal": trainer.stop_requested,
+        "final_val_top1": state.last_val_top1,
+        "best_val_top1": state.best_val_top1,
+        **state.totals(),
+        "source": trainer.source.describe(),
+        "checkpoint": str(run_dir / POINTER_NAME),
+        "student_weights": str(weights_path),
+        "metrics": str(run_dir / METRICS_NAME),
+        "plot": str(plot_path),
+    }
+    writer.write({"kind": "end", **summary})
+    write_json_atomic(run_dir / SUMMARY_NAME, summary)
+    return summary
+
+
+def _reached_max_steps(config: TrainConfig, state: RunState) -> bool:
+    return config.max_steps is not None and state.step >= config.max_steps
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm(trainer: Trainer) -> Iterator[None]:
+    """Turn SIGTERM into a request to checkpoint and stop after the current step."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed from the main thread
+        return
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        logger.warning("received signal %d: checkpointing after the current step", signum)
+        trainer.stop_requested = True
+
+    previous = signal.signal(signal.SIGTERM, request_stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _prefixed(values: dict[str, Any], prefix: str) -> dict[str, Any]:
+    return {prefix + k if not k.startswith(prefix) else k: v for k, v in values.items()}
+
+
+def _short(record: dict[str, Any]) -> str:
+    keys = ("loss", "train_loss", "val_top1", "img_per_s", "train_img_per_s", "blocked_fraction")
+    return ", ".join(f"{k}={record[k]:.4g}" for k in keys if isinstance(record.get(k), int | float))
