@@ -146,6 +146,8 @@ class TeacherDeployment:
         collector: DeploymentHandle | None = None,
     ) -> None:
         self.config = ServiceConfig.from_dict(config)
+        if self.config.torch_threads:
+            torch.set_num_threads(self.config.torch_threads)
         device = _resolve_device(self.config.device, self.config.num_gpus)
         self.engine = MaskedTeacher.from_source(
             self.config.teacher,

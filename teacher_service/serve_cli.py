@@ -64,6 +64,7 @@ class ServeCommandConfig:
             num_replicas=args.replicas,
             num_gpus=args.num_gpus,
             num_cpus=args.num_cpus,
+            torch_threads=args.torch_threads,
             max_batch_images=args.max_batch_images,
             batch_wait_ms=args.batch_wait_ms,
             max_images_per_request=args.max_images_per_request,
@@ -274,7 +275,16 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         default=1.0,
         metavar="C",
-        help="CPUs per replica; also the replica's torch thread count (default: 1)",
+        help="CPUs per replica; Ray also sets the replica's torch CPU threads to this, at "
+        "least 1 (default: 1)",
+    )
+    parser.add_argument(
+        "--torch-threads",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="torch CPU threads per replica, overriding the count Ray derives from "
+        "--num-cpus (default: Ray's)",
     )
     parser.add_argument(
         "--device",

@@ -31,7 +31,10 @@ class ServiceConfig:
         amp: autocast dtype on CUDA: "none" (float32), "bf16" or "fp16".
         num_replicas: number of replicas.
         num_gpus: GPUs per replica (fractions share a GPU).
-        num_cpus: CPUs per replica; Ray also sets the replica's torch threads to this.
+        num_cpus: CPUs per replica. Ray sets OMP_NUM_THREADS, and so torch's CPU threads,
+            to this (1 when it is below 1).
+        torch_threads: torch CPU threads per replica, overriding the one Ray derives from
+            num_cpus; None keeps Ray's.
         max_batch_images: maximum images in one engine batch, summed over requests.
         batch_wait_ms: how long a batch waits for more requests after its first, in ms.
         max_images_per_request: maximum images in one request; None means
@@ -59,6 +62,7 @@ class ServiceConfig:
     num_replicas: int = 1
     num_gpus: float = 0.0
     num_cpus: float = 1.0
+    torch_threads: int | None = None
     max_batch_images: int = 256
     batch_wait_ms: float = 5.0
     max_images_per_request: int | None = None
@@ -82,6 +86,8 @@ class ServiceConfig:
                 "batch_wait_ms, num_gpus and num_cpus must not be negative, got "
                 f"{self.batch_wait_ms}, {self.num_gpus}, {self.num_cpus}"
             )
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"torch_threads must be at least 1 or None, got {self.torch_threads}")
         if self.max_images_per_request is None:
             self.max_images_per_request = self.max_batch_images
         if not 1 <= self.max_images_per_request <= self.max_batch_images:
