@@ -330,6 +330,8 @@ class MaskedTeacher:
 
             # `_pos_embed` on zero patch tokens yields the prefix tokens (with their position
             # embedding where the model has one) followed by each patch's position embedding.
+            # NOTE: `_pos_embed` is private timm API (checked against timm 1.0.x, including
+            # the distilled subclass's override), so a timm upgrade can change it.
             num_prefix = model.num_prefix_tokens
             batch_size, keep_count, embed_dim = tokens.shape
             zeros = tokens.new_zeros(1, self.num_patches, embed_dim)
@@ -650,6 +652,7 @@ def _check_model_matches_spec(model: VisionTransformer, spec: TeacherSpec) -> No
         "img_size": tuple(patch_embed.img_size),
         "patch_size": tuple(patch_embed.patch_size),
         "in_chans": patch_embed.proj.in_channels,
+        "num_classes": model.num_classes,
     }
     for key, value in actual.items():
         if getattr(spec, key) != value:
