@@ -128,6 +128,11 @@ def add_train_teacher(subparsers: argparse._SubParsersAction) -> None:
         help="weight dtype in the checkpoint (default: %(default)s)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--init-from",
+        default=None,
+        help="portable teacher checkpoint whose weights start the run (default: random init)",
+    )
     parser.set_defaults(func=run_train_teacher)
 
 
@@ -160,6 +165,7 @@ def run_train_teacher(args: argparse.Namespace) -> int:
         max_steps=args.max_steps,
         save_dtype=args.save_dtype,
         threads=args.threads,
+        init_from=Path(args.init_from) if args.init_from else None,
     )
     summary = train_teacher(config)
     print(json.dumps({k: summary[k] for k in ("checkpoint", "test_top1", "steps", "wall_s")}))

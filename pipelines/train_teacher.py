@@ -53,6 +53,8 @@ class TeacherTrainConfig:
             every epoch.
         save_dtype: weight dtype in the written file, float16 or float32.
         threads: torch CPU threads; None leaves torch's default.
+        init_from: portable teacher checkpoint whose weights start the run (a second
+            stage of a recipe); None starts from random weights.
     """
 
     data: Path
@@ -84,6 +86,7 @@ class TeacherTrainConfig:
     max_steps: int | None = None
     save_dtype: str = "float16"
     threads: int | None = None
+    init_from: Path | None = None
 
 
 def augment(images: torch.Tensor, shift_px: int, hflip: bool, generator: torch.Generator) -> Any:
@@ -124,6 +127,30 @@ def evaluate(model: torch.nn.Module, shards: list[str], mean: Any, std: Any) -> 
     return correct / max(total, 1)
 
 
+def init_weights(model: torch.nn.Module, path: Path, classes: list[str]) -> None:
+    """Copy the weights of a portable teacher checkpoint into `model`.
+
+    Raises:
+        ValueError: when the checkpoint's classes or parameter shapes differ from the model's.
+    """
+    from teacher_service.checkpoint import load_teacher
+
+    source, spec = load_teacher(str(path))
+    if list(spec.class_names) != classes:
+        raise ValueError(
+            f"{path} was trained on classes {spec.class_names}, but the data has {classes}; "
+            "start from a checkpoint of the same dataset or drop --init-from"
+        )
+    try:
+        model.load_state_dict(source.state_dict())
+    except RuntimeError as err:
+        raise ValueError(
+            f"{path} ({spec.arch}, {spec.model_kwargs}) does not fit the configured model: "
+            f"{err}; pass the same --arch and size options it was trained with"
+        ) from err
+    logger.info("starting from the weights in %s (sha256 %s)", path, spec.digest[:12])
+
+
 def train_teacher(config: TeacherTrainConfig) -> dict[str, Any]:
     """Train the teacher, write its portable checkpoint, and return a summary.
 
@@ -152,6 +179,8 @@ def train_teacher(config: TeacherTrainConfig) -> dict[str, Any]:
 
     model_kwargs = dict(config.model_kwargs, num_classes=len(classes))
     model = timm.create_model(config.arch, pretrained=False, **model_kwargs)
+    if config.init_from is not None:
+        init_weights(model, config.init_from, classes)
     optimizer = create_optimizer_v2(
         model, opt="adamw", lr=config.lr, weight_decay=config.weight_decay
     )
