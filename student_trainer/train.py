@@ -169,6 +169,7 @@ def _train_epoch(
         leave=False,
     )
     interval = IntervalMeter()
+    stopped_early = False
     with BackgroundIterator(loader, depth=2) as batches, progress:
         # A resumed epoch re-reads and skips the batches it had already trained on.
         for _ in zip(range(state.step_in_epoch), batches, strict=False):
@@ -186,8 +187,11 @@ def _train_epoch(
                 _log_interval(trainer, state, writer, interval)
                 interval = IntervalMeter()
             if trainer.stop_requested or _reached_max_steps(config, state):
-                return False
-    return True
+                stopped_early = True
+                break
+    state.train_time_s += time.perf_counter() - epoch_meter.started_s
+    # A stop on the epoch's last step still completes the epoch.
+    return state.step_in_epoch >= trainer.steps_per_epoch or not stopped_early
 
 
 def train_step(trainer: Trainer, batch: Any, step: int) -> dict[str, Any]:
@@ -347,6 +351,8 @@ def _finish(trainer: Trainer, state: RunState, writer: MetricsWriter) -> dict[st
         "final_val_top1": state.last_val_top1,
         "best_val_top1": state.best_val_top1,
         **state.totals(),
+        "train_time_s": state.train_time_s,
+        "blocked_fraction": state.blocked_s / max(state.train_time_s, 1e-9),
         "source": trainer.source.describe(),
         "checkpoint": str(run_dir / POINTER_NAME),
         "student_weights": str(weights_path),

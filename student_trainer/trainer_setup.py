@@ -191,20 +191,39 @@ def build_trainer(config: TrainConfig, saved_state: dict[str, Any] | None = None
     train_shards = list_shards(config.data, config.train_split)
     val_shards = list_shards(config.val_data, config.val_split) if config.val_data else []
     steps_per_epoch = resolve_steps_per_epoch(config)
-    student_kwargs = resolve_student_kwargs(config, info)
 
     source = _open_source(config, device)
     try:
-        torch.manual_seed(config.seed)  # same initial weights whatever the source loaded
-        vit = build_student(config.student, student_kwargs).to(device)
-        geometry = student_geometry(vit)
-        grid_map = check_pairing(geometry, source.card, info, config)
-        mean, std = _resolve_normalization(config, source.card, train_shards, saved_state)
-        student = NormalizedStudent(vit, mean, std).to(device)
-        saliency = CLSAttentionSaliency(student)
+        trainer = _build_with_source(
+            config, source, info, saved_state, device, amp_dtype, train_shards, steps_per_epoch
+        )
     except BaseException:
         source.close()
         raise
+    trainer.val_shards = val_shards
+    if source.card is not None and not trainer.uses_teacher:
+        logger.warning("kd_weight is 0: the teacher is never called")
+    return trainer
+
+
+def _build_with_source(
+    config: TrainConfig,
+    source: SupervisionSource,
+    info: dict[str, Any] | None,
+    saved_state: dict[str, Any] | None,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    train_shards: list[str],
+    steps_per_epoch: int,
+) -> Trainer:
+    student_kwargs = resolve_student_kwargs(config, info)
+    torch.manual_seed(config.seed)  # same initial weights whatever the source loaded
+    vit = build_student(config.student, student_kwargs).to(device)
+    geometry = student_geometry(vit)
+    grid_map = check_pairing(geometry, source.card, info, config)
+    mean, std = _resolve_normalization(config, source.card, train_shards, saved_state)
+    student = NormalizedStudent(vit, mean, std).to(device)
+    saliency = CLSAttentionSaliency(student)
     task, mixup = _build_task(config, student, source, device)
     optimizer = create_optimizer_v2(
         vit, opt="adamw", lr=config.lr, weight_decay=config.weight_decay
@@ -214,7 +233,7 @@ def build_trainer(config: TrainConfig, saved_state: dict[str, Any] | None = None
         device=device,
         amp_dtype=amp_dtype,
         train_shards=train_shards,
-        val_shards=val_shards,
+        val_shards=[],
         steps_per_epoch=steps_per_epoch,
         vit=vit,
         student=student,
@@ -232,8 +251,6 @@ def build_trainer(config: TrainConfig, saved_state: dict[str, Any] | None = None
         geometry=geometry,
     )
     saliency.enabled = trainer.needs_saliency
-    if source.card is not None and not trainer.uses_teacher:
-        logger.warning("kd_weight is 0: the teacher is never called")
     return trainer
 
 
@@ -446,6 +463,8 @@ def resolve_device(name: str) -> torch.device:
 
 def resolve_amp_dtype(amp: bool, device: torch.device) -> torch.dtype | None:
     """Return the autocast dtype: bfloat16 (or float16) on CUDA with amp, else None."""
+    # NOTE: the CUDA autocast and float16 GradScaler paths run only in the `gpu`-marked
+    # test, which skips on machines without CUDA.
     if not amp:
         return None
     if device.type != "cuda":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from tests.student_trainer.helpers import (
     TEACHER_KWARGS,
     TEST_COUNT,
     TRAIN_COUNT,
+    one_torch_thread,
     train_tiny_teacher,
     write_shards,
 )
@@ -45,3 +47,10 @@ def teacher_file(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
     save_teacher(model, spec, path, dtype=torch.float32)
     return path
+
+
+@pytest.fixture(scope="package", autouse=True)
+def single_torch_thread() -> Iterator[None]:
+    """Run the trainer tests on one intra-op thread; the teacher thread runs beside it."""
+    with one_torch_thread():
+        yield

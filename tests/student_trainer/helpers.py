@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ IMAGE_SIZE = 16
 NUM_CLASSES = 4
 TRAIN_COUNT = 48
 TEST_COUNT = 16
-TEACHER_KWARGS = {
+TEACHER_KWARGS: dict[str, Any] = {
     "img_size": IMAGE_SIZE,
     "patch_size": 4,
     "in_chans": 1,
@@ -74,8 +76,28 @@ def write_shards(root: Path, counts: dict[str, int], per_shard: int = 16) -> Pat
     return root
 
 
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run torch on one intra-op thread inside the block, then restore the count.
+
+    The test models are too small to gain from several threads, and on a busy machine extra
+    OpenMP threads spin against other processes.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def train_tiny_teacher(data: Path, steps: int = 30) -> torch.nn.Module:
     """Fit a small ViT on the synthetic shards so that its logits carry information."""
+    with one_torch_thread():
+        return _fit_teacher(data, steps)
+
+
+def _fit_teacher(data: Path, steps: int) -> torch.nn.Module:
     from student_trainer.data import list_shards, make_loader
 
     torch.manual_seed(0)

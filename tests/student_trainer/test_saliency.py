@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import timm
@@ -12,8 +13,8 @@ from student_trainer.saliency import CLSAttentionSaliency, cls_attention_from_qk
 from student_trainer.student import NormalizedStudent
 
 
-def tiny_vit(**overrides: object) -> torch.nn.Module:
-    kwargs = dict(
+def tiny_vit(**overrides: Any) -> Any:
+    kwargs: dict[str, Any] = dict(
         img_size=16, patch_size=4, in_chans=1, num_classes=5, embed_dim=16, depth=2, num_heads=2
     )
     kwargs.update(overrides)
@@ -26,7 +27,7 @@ def tiny_vit(**overrides: object) -> torch.nn.Module:
     return model
 
 
-def explicit_attention_row(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+def explicit_attention_row(model: Any, images: torch.Tensor) -> torch.Tensor:
     """Take timm's unfused attention matrix of the last block and average the CLS row."""
     reference = copy.deepcopy(model)
     attn = reference.blocks[-1].attn

@@ -142,13 +142,13 @@ def test_mixup_run_sends_mixed_float_pixels(
     seen_dtypes: list[torch.dtype] = []
 
     class RecordingTeacherSource(LocalTeacherSource):
-        def submit(self, images, keep, keys):  # type: ignore[no-untyped-def]
+        def submit(self, images, keep, keys):
             seen_dtypes.append(images.dtype)
             assert float(images.min()) >= 0.0
             assert float(images.max()) <= 1.0
             return super().submit(images, keep, keys)
 
-    def open_recording_source(kind, target, **kwargs):  # type: ignore[no-untyped-def]
+    def open_recording_source(kind, target, **kwargs):
         assert kind == "file"
         return RecordingTeacherSource(MaskedTeacher.from_source(target))
 
@@ -300,3 +300,29 @@ def test_existing_run_needs_resume(tiny_data: Path, tmp_path) -> None:
     train(make_config(tiny_data, tmp_path / "run", no_teacher=True, max_steps=1))
     with pytest.raises(ValueError, match="pass --resume"):
         train(make_config(tiny_data, tmp_path / "run", no_teacher=True, max_steps=2))
+
+
+def test_stop_at_epoch_end_completes_epoch(tiny_data: Path, tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    train(make_config(tiny_data, run_dir, no_teacher=True, max_steps=6))  # 6 steps per epoch
+    pointer = json.loads((run_dir / "checkpoint.json").read_text())
+    assert pointer["state"]["run"]["epoch"] == 1
+    assert pointer["state"]["run"]["step_in_epoch"] == 0
+
+    train(make_config(tiny_data, run_dir, no_teacher=True, max_steps=8, resume=True))
+    epochs = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "epoch"]
+    assert [r["step"] for r in epochs] == [6, 8]
+    assert [r["completed"] for r in epochs] == [True, False]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_amp_cuda_run(tiny_data: Path, teacher_file: Path, tmp_path) -> None:
+    config = make_config(
+        tiny_data, tmp_path / "run", teacher=str(teacher_file), device="cuda", amp=True
+    )
+    summary = train(config)
+    losses = step_losses(tmp_path / "run")
+    assert summary["steps"] == 18
+    assert all(loss == loss for loss in losses)  # no NaN
+    assert loss_went_down(losses)
