@@ -26,13 +26,12 @@ import httpx
 import numpy as np
 import torch
 
+from teacher_service.patches import PatchGrid, gather_patches
 from teacher_service.protocol import (
     CONTENT_TYPE,
     LOGITS_DTYPES,
-    PatchGrid,
     decode_response,
     encode_request,
-    gather_patches,
 )
 
 logger = logging.getLogger(__name__)
@@ -154,7 +153,7 @@ def encode_images(
     request_id: str | None = None,
     logits_dtype: str = "float16",
 ) -> bytes:
-    """Encode images and kept indices as a request body holding only the kept patches.
+    """Encode images and kept indices as a request body that contains only the kept patches.
 
     Args:
         images: [B, C, H, W], uint8 in 0..255 or floating point in [0, 1].

@@ -51,15 +51,16 @@ from ray.serve.deployment import Deployment
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from teacher_service.batching import run_requests
 from teacher_service.engine import MaskedTeacher
 from teacher_service.metrics import MetricsStore, ReplicaMetrics
+from teacher_service.patches import PatchGrid
 from teacher_service.protocol import (
     CONTENT_TYPE,
     LOGITS_DTYPES,
     PIXEL_DTYPES,
     PROTOCOL_VERSION,
     DecodedRequest,
-    PatchGrid,
     ProtocolError,
     decode_request,
     encode_response,
@@ -96,6 +97,41 @@ def _error_response(error: ProtocolError) -> JSONResponse:
     return JSONResponse(error.to_json(), status_code=error.status, headers=headers)
 
 
+class _RejectionLog:
+    """Log rejected requests, at most one line per (status, code) every `interval_s`.
+
+    Clients can produce rejections at any rate, so repeats are counted and reported with
+    the next line instead of each being logged. 5xx errors log at WARNING, others at INFO.
+    """
+
+    def __init__(self, replica_id: str, interval_s: float = 10.0) -> None:
+        self.replica_id = replica_id
+        self.interval_s = interval_s
+        self._last_s: dict[tuple[int, str], float] = {}
+        self._suppressed: dict[tuple[int, str], int] = {}
+
+    def log(self, error: ProtocolError, run_id: str | None) -> None:
+        key = (error.status, error.code)
+        now_s = time.monotonic()
+        if now_s - self._last_s.get(key, -self.interval_s) < self.interval_s:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return
+        self._last_s[key] = now_s
+        repeats = self._suppressed.pop(key, 0)
+        logger.log(
+            logging.WARNING if error.status >= 500 else logging.INFO,
+            "replica %s rejected a request of run %r with %d %s: %s (%d more like it in the "
+            "last %.0f s)",
+            self.replica_id,
+            run_id,
+            error.status,
+            error.code,
+            error.message,
+            repeats,
+            self.interval_s,
+        )
+
+
 api = FastAPI(
     title="maskedkd teacher service",
     description="Teacher logits on the kept patches of each image (MaskedKD).",
@@ -113,7 +149,7 @@ async def _http_error(request: Request, error: StarletteHTTPException) -> JSONRe
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class MetricsCollector:
-    """Latest metric snapshot of each teacher replica; renders the merged /metrics page."""
+    """Store of each teacher replica's latest metrics, which renders the merged page."""
 
     def __init__(self, stale_s: float) -> None:
         self._store = MetricsStore(stale_s=stale_s)
@@ -158,22 +194,20 @@ class TeacherDeployment:
         )
         self.grid = PatchGrid.from_spec(self.engine.spec)
         self._token_digest = token_digest
+        self._replica_id = self._current_replica_id()
         self._collector = collector
         self._metrics = ReplicaMetrics(max_run_ids=self.config.max_run_ids)
         self._images_in_flight = 0
         self._max_images_in_flight = self.config.images_in_flight_limit
         self._max_images_per_request = self.config.images_per_request_limit
         self._ready = False
+        self._rejection_log = _RejectionLog(self._replica_id)
         self._flush_task: asyncio.Task[None] | None = None
         # One engine thread: the event loop keeps decoding and queueing requests, so the
         # next batch fills while this one computes.
         self._engine_thread = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="teacher-engine"
         )
-        try:
-            self._replica_id = serve.get_replica_context().replica_tag
-        except Exception:  # outside a Serve replica (not expected in production)
-            self._replica_id = uuid.uuid4().hex
         batch_method: Any = self._run_batch
         batch_method.set_max_batch_size(self.config.max_batch_images)
         batch_method.set_batch_wait_timeout_s(self.config.batch_wait_ms / 1000.0)
@@ -187,6 +221,13 @@ class TeacherDeployment:
             *spec.grid_size,
             self.config.max_batch_images,
         )
+
+    @staticmethod
+    def _current_replica_id() -> str:
+        try:
+            return str(serve.get_replica_context().replica_tag)
+        except Exception:  # outside a Serve replica, as in a plain Python test
+            return uuid.uuid4().hex
 
     def _build_card(self) -> dict[str, Any]:
         spec = self.engine.spec
@@ -273,19 +314,27 @@ class TeacherDeployment:
             return self._reject(error, None)
         self._ensure_flush_task()
         snapshot = self._metrics.snapshot()
-        if self._collector is None:
+        text = None
+        if self._collector is not None:
+            try:
+                await self._collector.push.remote(self._replica_id, snapshot)
+                text = await self._collector.render.remote()
+            except Exception as err:  # serve this replica's numbers rather than nothing
+                logger.warning(
+                    "metrics collector unavailable (%s); /metrics shows replica %s only",
+                    err,
+                    self._replica_id,
+                )
+        if text is None:
             store = MetricsStore()
             store.update(self._replica_id, snapshot, 0.0)
             text = store.render(0.0)
-        else:
-            await self._collector.push.remote(self._replica_id, snapshot)
-            text = await self._collector.render.remote()
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     # -- Handle methods (in-cluster callers) ----------------------------------------------
 
     async def infer_arrow(self, body: bytes) -> dict[str, Any]:
-        """Answer an Arrow IPC request body the way `POST /v1/logits` would.
+        """Run an Arrow IPC request body the way `POST /v1/logits` does.
 
         Errors come back as values rather than exceptions, so expected rejections do not
         fill the replica log with tracebacks.
@@ -387,14 +436,7 @@ class TeacherDeployment:
 
     def _record_rejection(self, error: ProtocolError, run_id: str | None) -> None:
         self._metrics.record_error(status=error.status, code=error.code, run_id=run_id)
-        if error.status >= 500:
-            logger.warning(
-                "replica %s returned %d %s: %s",
-                self._replica_id,
-                error.status,
-                error.code,
-                error.message,
-            )
+        self._rejection_log.log(error, run_id)
 
     async def _infer(self, decoded: DecodedRequest, body_bytes: int, *, transport: str) -> bytes:
         self._ensure_flush_task()
@@ -443,17 +485,17 @@ class TeacherDeployment:
 
     @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.005, batch_size_fn=_batch_images)
     async def _run_batch(self, items: list[_Work]) -> list[np.ndarray | ProtocolError]:
-        """Run one engine batch over several requests; returns logits or an error per item.
+        """Run one engine batch over several requests and return logits or an error for each.
 
-        The real limits come from the config through `set_max_batch_size` and
-        `set_batch_wait_timeout_s` in the constructor.
+        The decorator's limits are placeholders. The constructor sets the configured ones
+        with `set_max_batch_size` and `set_batch_wait_timeout_s`.
         """
         start_s = time.monotonic()
         for item in items:
             self._metrics.record_queue_wait(start_s - item.admitted_s)
         try:
             results = await asyncio.get_running_loop().run_in_executor(
-                self._engine_thread, self._compute, items
+                self._engine_thread, run_requests, self.engine, [item.request for item in items]
             )
         except Exception as err:  # device failure or bug: fail this batch, keep serving
             logger.exception("engine batch of %d requests failed", len(items))
@@ -465,51 +507,6 @@ class TeacherDeployment:
             compute_s=time.monotonic() - start_s,
         )
         return results
-
-    def _compute(self, items: list[_Work]) -> list[np.ndarray | ProtocolError]:
-        """Group all rows of all requests by (kind, kept count, dtype) and run the engine."""
-        num_classes = self.engine.num_classes
-        outputs: list[np.ndarray | ProtocolError] = [
-            np.empty((item.request.num_images, num_classes), dtype=np.float32) for item in items
-        ]
-        buckets: dict[tuple[str, int, str], list[tuple[int, Any]]] = {}
-        for item_index, item in enumerate(items):
-            for group in item.request.groups:
-                key = (group.kind, group.keep_count, str(group.pixels.dtype))
-                buckets.setdefault(key, []).append((item_index, group))
-
-        for members in buckets.values():
-            try:
-                logits = self._forward_groups([group for _, group in members])
-            except ValueError:
-                # The decoder validated every row, so this is not expected; retry each
-                # request alone so that one bad request cannot fail its batch neighbours.
-                logits = None
-            offset = 0
-            for item_index, group in members:
-                output = outputs[item_index]
-                if isinstance(output, ProtocolError):
-                    continue
-                count = len(group.rows)
-                if logits is not None:
-                    output[group.rows] = logits[offset : offset + count]
-                else:
-                    try:
-                        output[group.rows] = self._forward_groups([group])
-                    except ValueError as err:
-                        outputs[item_index] = ProtocolError(422, "invalid_content", str(err))
-                offset += count
-        return outputs
-
-    def _forward_groups(self, groups: list[Any]) -> np.ndarray:
-        """Run the engine on row groups of one (kind, kept count, dtype)."""
-        pixels = torch.from_numpy(np.concatenate([group.pixels for group in groups]))
-        keep = torch.from_numpy(np.concatenate([group.keep for group in groups]))  # [n, K]
-        if groups[0].kind == "patches":
-            logits = self.engine.forward_patches(pixels, keep)  # pixels [n, K, P]
-        else:
-            logits = self.engine.forward_images(pixels, keep)  # pixels [n, C, H, W]
-        return logits.cpu().numpy()
 
     def _tiny_forward(self) -> None:
         patches = torch.zeros(1, 1, self.engine.patch_dim, dtype=torch.uint8)

@@ -85,7 +85,8 @@ class ServeCommandConfig:
 
 
 def _check_teacher_source(teacher: str) -> None:
-    looks_like_path = teacher.endswith(".safetensors") or os.sep in teacher
+    hub_name = teacher.startswith(("hf-hub:", "hf_hub:"))  # timm names may contain "/"
+    looks_like_path = teacher.endswith(".safetensors") or (os.sep in teacher and not hub_name)
     if looks_like_path and not Path(teacher).is_file():
         raise ValueError(f"teacher checkpoint {teacher!r} not found; check the path")
 
@@ -110,12 +111,21 @@ def serve_teacher(config: ServeCommandConfig) -> int:
     from teacher_service.deployment import build_app
 
     local = config.address is None
-    if local:
-        logger.info("starting a local Ray with %s CPUs", config.ray_num_cpus or "all")
-        ray.init(num_cpus=config.ray_num_cpus, include_dashboard=False)
-    else:
-        logger.info("connecting to the Ray cluster at %s", config.address)
-        ray.init(address=config.address)
+    try:
+        if local:
+            logger.info("starting a local Ray with %s CPUs", config.ray_num_cpus or "all")
+            ray.init(num_cpus=config.ray_num_cpus, include_dashboard=False)
+        else:
+            logger.info("connecting to the Ray cluster at %s", config.address)
+            ray.init(address=config.address)
+    except Exception as error:  # Ray raises plain Exception and ConnectionError here
+        if local:
+            # Seen on an overloaded machine: Ray's helper processes started too slowly.
+            hint = "if the machine is busy, Ray's helpers may start too slowly; retry later"
+            logger.error("serve: starting a local Ray failed: %s (%s)", error, hint)
+        else:
+            logger.error("serve: connecting to Ray at %s failed: %s", config.address, error)
+        return 1
     try:
         serve.start(http_options={"host": config.host, "port": config.port})
         app = build_app(_service_args(config.service))

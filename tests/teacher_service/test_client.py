@@ -20,7 +20,8 @@ from teacher_service.client import (
     encode_images,
 )
 from teacher_service.engine import MaskedTeacher
-from teacher_service.protocol import PatchGrid, decode_request
+from teacher_service.patches import PatchGrid
+from teacher_service.protocol import decode_request
 
 GRID = PatchGrid(img_size=(28, 28), patch_size=(4, 4), in_chans=1)
 RGB_GRID = PatchGrid(img_size=(16, 16), patch_size=(8, 8), in_chans=3)

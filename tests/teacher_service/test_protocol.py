@@ -7,16 +7,14 @@ import pyarrow as pa
 import pytest
 import torch
 
+from teacher_service.patches import PatchGrid, gather_patches, patchify
 from teacher_service.protocol import (
     PROTOCOL_VERSION,
-    PatchGrid,
     ProtocolError,
     decode_request,
     decode_response,
     encode_request,
     encode_response,
-    gather_patches,
-    patchify,
 )
 
 GRID = PatchGrid(img_size=(28, 28), patch_size=(4, 4), in_chans=1)

@@ -44,12 +44,8 @@ from teacher_service.client import (  # noqa: E402
 )
 from teacher_service.deployment import build_app  # noqa: E402
 from teacher_service.engine import MaskedTeacher  # noqa: E402
-from teacher_service.protocol import (  # noqa: E402
-    CONTENT_TYPE,
-    PatchGrid,
-    encode_request,
-    gather_patches,
-)
+from teacher_service.patches import PatchGrid, gather_patches  # noqa: E402
+from teacher_service.protocol import CONTENT_TYPE, encode_request  # noqa: E402
 from teacher_service.serve_cli import InfoCommandConfig, show_info  # noqa: E402
 
 TOKEN = "test-token-7f3a"
