@@ -270,7 +270,16 @@ def run_student(config: DemoConfig, run: DemoRun, url: str) -> dict[str, Any]:
     epochs = [r for r in records if r.get("kind") == "epoch"]
     if not epochs:
         raise RuntimeError(f"{config.out / run.name}/metrics.jsonl has no epoch record")
-    return {"wall_s": wall_s, "top1": float(epochs[-1]["val_top1"]), "epochs": epochs}
+    last = epochs[-1]
+    images_seen = max(int(last.get("images_seen", 0)), 1)
+    return {
+        "wall_s": wall_s,
+        "top1": float(last["val_top1"]),
+        "teacher_macs_spent": int(last.get("teacher_macs_spent", 0)),
+        "measured_macs_per_image": int(last.get("teacher_macs_spent", 0)) / images_seen,
+        "blocked_s": float(last.get("blocked_s_total", 0.0)),
+        "epochs": epochs,
+    }
 
 
 def summarise(
@@ -290,6 +299,9 @@ def summarise(
                 "teacher_compute_saved": 1.0 - macs / full,
                 "top1": outcomes[run.name]["top1"],
                 "wall_s": outcomes[run.name]["wall_s"],
+                "teacher_macs_spent": outcomes[run.name]["teacher_macs_spent"],
+                "measured_macs_per_image": outcomes[run.name]["measured_macs_per_image"],
+                "blocked_on_teacher_s": outcomes[run.name]["blocked_s"],
             }
         )
     return {
