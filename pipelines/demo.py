@@ -62,6 +62,8 @@ class DemoConfig:
         teacher: portable teacher checkpoint to serve.
         student_args: timm student arguments passed to `maskedkd train`.
         epochs: training epochs for each student run.
+        steps_per_epoch: optimizer steps in each epoch, so one epoch reads
+            `steps_per_epoch * batch_size` training images (None: the whole split).
         max_steps: stop each run after this many steps (None: full epochs).
         batch_size: images per training step.
         lr: peak learning rate of the students.
@@ -95,7 +97,8 @@ class DemoConfig:
             "2",
         ]
     )
-    epochs: int = 1
+    epochs: int = 3
+    steps_per_epoch: int | None = 100
     max_steps: int | None = None
     batch_size: int = 128
     lr: float = 2e-3
@@ -239,6 +242,8 @@ def train_command(config: DemoConfig, run: DemoRun, url: str) -> list[str]:
         "--out",
         str(config.out / run.name),
     ]
+    if config.steps_per_epoch is not None:
+        args += ["--steps-per-epoch", str(config.steps_per_epoch)]
     if config.max_steps is not None:
         args += ["--max-steps", str(config.max_steps)]
     if run.use_teacher:
@@ -310,6 +315,7 @@ def summarise(
         "teacher_top1": teacher["top1"],
         "teacher_full_macs_per_image": full,
         "epochs": config.epochs,
+        "steps_per_epoch": config.steps_per_epoch,
         "max_steps": config.max_steps,
         "seed": config.seed,
         "runs": runs,
