@@ -106,6 +106,13 @@ def add_train_teacher(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--depth", type=int, default=6, help="transformer blocks")
     parser.add_argument("--num-heads", type=int, default=4, help="attention heads per block")
     parser.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate")
+    parser.add_argument(
+        "--patch-drop",
+        type=float,
+        default=0.0,
+        help="share of patch tokens dropped at random in each training step (timm's "
+        "patch_drop_rate), which makes the teacher robust to masked input (default: 0)",
+    )
     parser.add_argument("--epochs", type=int, default=12, help="passes over the train split")
     parser.add_argument("--batch-size", type=int, default=128, help="images per step")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
@@ -151,6 +158,7 @@ def run_train_teacher(args: argparse.Namespace) -> int:
             "depth": args.depth,
             "num_heads": args.num_heads,
             "drop_path_rate": args.drop_path,
+            "patch_drop_rate": args.patch_drop,
         },
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -196,6 +204,13 @@ def add_demo(subparsers: argparse._SubParsersAction) -> None:
         "--epochs", type=int, default=defaults.epochs, help="epochs per student run"
     )
     parser.add_argument(
+        "--steps-per-epoch",
+        type=int,
+        default=defaults.steps_per_epoch,
+        help="optimizer steps per epoch of each student run; 0 reads the whole train split "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
         "--max-steps",
         type=int,
         default=None,
@@ -227,6 +242,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
         data=Path(args.data),
         teacher=Path(args.teacher),
         epochs=args.epochs,
+        steps_per_epoch=args.steps_per_epoch or None,
         max_steps=args.max_steps,
         batch_size=args.batch_size,
         lr=args.lr,

@@ -97,8 +97,8 @@ class DemoConfig:
             "2",
         ]
     )
-    epochs: int = 3
-    steps_per_epoch: int | None = 100
+    epochs: int = 4
+    steps_per_epoch: int | None = 120
     max_steps: int | None = None
     batch_size: int = 128
     lr: float = 2e-3
@@ -218,12 +218,18 @@ def evaluate_teacher(config: DemoConfig) -> dict[str, Any]:
         "arch": teacher.spec.arch,
         "num_patches": teacher.num_patches,
         "full_macs_per_image": teacher.full_macs_per_image,
+        "mean": list(teacher.spec.mean),
+        "std": list(teacher.spec.std),
         "macs_per_image": macs,
     }
 
 
-def train_command(config: DemoConfig, run: DemoRun, url: str) -> list[str]:
-    """Build the `maskedkd train` command line of one demo run."""
+def train_command(config: DemoConfig, run: DemoRun, url: str, teacher: dict[str, Any]) -> list[str]:
+    """Build the `maskedkd train` command line of one demo run.
+
+    Every run normalises its input with the teacher's mean and std, so the runs differ
+    only in their supervision.
+    """
     args = [
         "train",
         "--data",
@@ -241,6 +247,10 @@ def train_command(config: DemoConfig, run: DemoRun, url: str) -> list[str]:
         str(config.seed),
         "--out",
         str(config.out / run.name),
+        "--student-mean",
+        *[str(value) for value in teacher["mean"]],
+        "--student-std",
+        *[str(value) for value in teacher["std"]],
     ]
     if config.steps_per_epoch is not None:
         args += ["--steps-per-epoch", str(config.steps_per_epoch)]
@@ -261,9 +271,11 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def run_student(config: DemoConfig, run: DemoRun, url: str) -> dict[str, Any]:
+def run_student(
+    config: DemoConfig, run: DemoRun, url: str, teacher: dict[str, Any]
+) -> dict[str, Any]:
     """Train one student as a child process and summarise its metrics."""
-    command = train_command(config, run, url)
+    command = train_command(config, run, url, teacher)
     env = dict(os.environ)
     if config.threads:
         env["OMP_NUM_THREADS"] = str(config.threads)
@@ -375,7 +387,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         service.wait_ready(config.ready_timeout_s)
         logger.info("teacher service ready at %s", service.url)
         for run in DEMO_RUNS:
-            outcomes[run.name] = run_student(config, run, service.url)
+            outcomes[run.name] = run_student(config, run, service.url, teacher)
 
     results = summarise(config, teacher, outcomes)
     table = format_table(results)

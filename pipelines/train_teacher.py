@@ -28,6 +28,10 @@ FASHION_MNIST_MEAN = (0.2860,)
 FASHION_MNIST_STD = (0.3530,)
 
 
+# Regularisers that act only in training; the written checkpoint leaves them out.
+TRAINING_ONLY_KWARGS = ("drop_path_rate", "patch_drop_rate")
+
+
 @dataclass
 class TeacherTrainConfig:
     """Recipe for `maskedkd train-teacher`.
@@ -252,7 +256,7 @@ def train_teacher(config: TeacherTrainConfig) -> dict[str, Any]:
         spec = spec_from_model(
             model,
             arch=config.arch,
-            model_kwargs={k: v for k, v in model_kwargs.items() if k != "drop_path_rate"},
+            model_kwargs={k: v for k, v in model_kwargs.items() if k not in TRAINING_ONLY_KWARGS},
             mean=tuple(mean),
             std=tuple(std),
             class_names=classes,
