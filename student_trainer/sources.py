@@ -17,12 +17,16 @@ Precomputed logits format (Parquet, one file or a folder of `*.parquet` files): 
 `key` (string, the WebDataset `__key__`) and column `logits` (list<float16> or
 list<float32>, one entry per class). Optional schema metadata: `teacher` (the teacher's
 name or source) and `teacher_digest` (sha256 hex of its weights). `write_logits_parquet`
-writes this format.
+writes this format. In place of `logits`, a file may store the top k logits per row
+(`topk_logits`, `topk_indices`, `logsumexp` and the `num_classes` metadata key), as
+`maskedkd precompute --top-k` writes them. All files of a folder must name the same
+teacher digest.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import logging
 import os
 from abc import ABC, abstractmethod
@@ -43,6 +47,9 @@ logger = logging.getLogger(__name__)
 
 PARQUET_TEACHER_KEY = b"teacher"
 PARQUET_DIGEST_KEY = b"teacher_digest"
+PARQUET_CLASSES_KEY = b"num_classes"
+PARQUET_SETTINGS_KEY = b"maskedkd_precompute"  # JSON settings of `maskedkd precompute`
+TOPK_COLUMNS = ("topk_logits", "topk_indices", "logsumexp")
 
 
 @dataclass(frozen=True)
@@ -268,27 +275,57 @@ class ParquetLogitsSource(SupervisionSource):
     """Precomputed full-image teacher logits, looked up by WebDataset key.
 
     All rows are loaded into memory at start: N keys and an [N, classes] array in the
-    file's dtype (float16 or float32).
+    file's dtype (float16 or float32). Top-k rows become full rows. The k stored logits
+    keep their values, and every other class gets the logit that spreads the remaining
+    probability mass evenly. So at temperature 1 the softmax matches the teacher's on the
+    top k classes and on their total.
 
     Args:
         path: a Parquet file or a folder of `*.parquet` files.
+        expected_digest: sha256 hex of the teacher the logits must come from; None
+            accepts any teacher.
+
+    Raises:
+        ValueError: If the files are malformed, name different teachers, or name a
+            teacher other than `expected_digest`.
     """
 
     kind = "logits"
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], expected_digest: str | None = None) -> None:
         self.path = str(path)
         table, metadata = _read_logits_table(self.path)
-        self.logits = _logits_matrix(table, self.path)  # [N, classes]
+        if "logits" in table.column_names:
+            self.logits = _logits_matrix(table, self.path)  # [N, classes]
+        else:
+            self.logits = _dense_from_topk(table, metadata, self.path)  # [N, classes]
         keys = table.column("key").to_pylist()
         self.row_of_key = _index_keys(keys, self.path)
+
         teacher = metadata.get(PARQUET_TEACHER_KEY, b"precomputed").decode()
+        digest = metadata.get(PARQUET_DIGEST_KEY, b"").decode()
+        if expected_digest is not None and digest != expected_digest:
+            raise ValueError(
+                f"precomputed logits in {self.path} come from teacher {teacher} with sha256 "
+                f"{digest[:12] or 'unknown'}, not the expected {expected_digest[:12]}; "
+                "precompute them again with the expected teacher"
+            )
         self.card = TeacherCard(
             name=teacher,
             num_classes=int(self.logits.shape[1]),
-            digest=metadata.get(PARQUET_DIGEST_KEY, b"").decode(),
+            digest=digest,
             supports_masking=False,
         )
+
+        settings = json.loads(metadata.get(PARQUET_SETTINGS_KEY, b"{}"))
+        if settings.get("masking", "none") != "none":
+            logger.warning(
+                "logits in %s come from the teacher on masked images (%s masking, keep ratio "
+                "%s); they supervise the student as given",
+                self.path,
+                settings["masking"],
+                settings.get("keep_ratio"),
+            )
         logger.info(
             "loaded %d precomputed logits rows (%d classes, teacher %s) from %s",
             len(self.row_of_key),
@@ -354,22 +391,35 @@ def _read_logits_table(path: str) -> tuple[pa.Table, dict[bytes, bytes]]:
         files = [target]
     else:
         raise FileNotFoundError(f"precomputed logits {path} not found")
-    tables = [pq.read_table(file, columns=["key", "logits"]) for file in files]
-    schemas = {str(table.schema.field("logits").type) for table in tables}
-    if len(schemas) > 1:
-        raise ValueError(f"Parquet files in {path} mix logits types {sorted(schemas)}")
-    metadata = dict(pq.read_schema(files[0]).metadata or {})
+    schemas = [pq.read_schema(file) for file in files]
+    digests = {(schema.metadata or {}).get(PARQUET_DIGEST_KEY, b"").decode() for schema in schemas}
+    if len(digests) > 1:
+        raise ValueError(
+            f"Parquet files in {path} come from different teachers (sha256 "
+            f"{sorted(digest[:12] or 'unknown' for digest in digests)}); keep the files of "
+            "one teacher in a folder"
+        )
+    names = schemas[0].names
+    if "logits" not in names and "topk_logits" in names:
+        columns = ["key", *TOPK_COLUMNS]
+    else:
+        columns = ["key", "logits"]
+    tables = [pq.read_table(file, columns=columns) for file in files]
+    types = {str(table.schema.field(columns[1]).type) for table in tables}
+    if len(types) > 1:
+        raise ValueError(f"Parquet files in {path} mix {columns[1]} types {sorted(types)}")
+    metadata = dict(schemas[0].metadata or {})
     return pa.concat_tables([t.replace_schema_metadata(None) for t in tables]), metadata
 
 
-def _logits_matrix(table: pa.Table, path: str) -> np.ndarray:
-    column = table.column("logits").combine_chunks()
+def _logits_matrix(table: pa.Table, path: str, name: str = "logits") -> np.ndarray:
+    column = table.column(name).combine_chunks()
     value_type = column.type
     is_list = pa.types.is_list(value_type) or pa.types.is_large_list(value_type)
     if not (is_list or pa.types.is_fixed_size_list(value_type)):
-        raise ValueError(f"column 'logits' in {path} has type {value_type}; expected list<float>")
+        raise ValueError(f"column {name!r} in {path} has type {value_type}; expected list<float>")
     if column.null_count:
-        raise ValueError(f"column 'logits' in {path} has {column.null_count} null rows")
+        raise ValueError(f"column {name!r} in {path} has {column.null_count} null rows")
     values = column.flatten().to_numpy(zero_copy_only=False)
     if values.dtype not in (np.float16, np.float32):
         raise ValueError(f"logits in {path} are {values.dtype}; expected float16 or float32")
@@ -383,6 +433,31 @@ def _logits_matrix(table: pa.Table, path: str) -> np.ndarray:
     ):
         raise ValueError(f"logits rows in {path} have different lengths; expected one per class")
     return values.reshape(rows, num_classes)
+
+
+def _dense_from_topk(table: pa.Table, metadata: dict[bytes, bytes], path: str) -> np.ndarray:
+    """Expand top-k rows into [N, classes] logits; see `ParquetLogitsSource`."""
+    if PARQUET_CLASSES_KEY not in metadata:
+        raise ValueError(f"top-k logits in {path} lack the num_classes metadata key")
+    num_classes = int(metadata[PARQUET_CLASSES_KEY])
+    values = _logits_matrix(table, path, "topk_logits")  # [N, k]
+    rows, top_k = values.shape
+    flat_indices = table.column("topk_indices").combine_chunks().flatten()
+    lse = table.column("logsumexp").to_numpy().astype(np.float64)  # [N]
+    indices = flat_indices.to_numpy().astype(np.int64)
+    if indices.size != rows * top_k or indices.min() < 0 or indices.max() >= num_classes:
+        raise ValueError(
+            f"topk_indices in {path} do not match topk_logits or lie outside 0..{num_classes - 1}"
+        )
+    indices = indices.reshape(rows, top_k)
+    dense = np.empty((rows, num_classes), dtype=values.dtype)
+    if top_k < num_classes:
+        # Mass outside the top k, spread over the other classes: p = exp(logit - lse).
+        top_mass = np.exp(values.astype(np.float64) - lse[:, None]).sum(axis=1)  # [N]
+        rest = np.clip(1.0 - top_mass, np.finfo(np.float32).tiny, None) / (num_classes - top_k)
+        dense[:] = (lse + np.log(rest))[:, None]
+    np.put_along_axis(dense, indices, values, axis=1)
+    return dense
 
 
 def _index_keys(keys: list[str | None], path: str) -> dict[str, int]:

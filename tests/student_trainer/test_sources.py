@@ -110,3 +110,37 @@ def test_read_token_strips_first_line(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="empty"):
         read_token(str(tmp_path / "empty"))
     assert read_token(None) is None
+
+
+def test_parquet_topk_rows_expand_to_full_logits(tmp_path: Path) -> None:
+    logits = torch.tensor([[2.0, 0.5, -1.0, 0.0], [-3.0, 1.0, 4.0, 0.5]])  # [N=2, classes=4]
+    top_values, top_indices = logits.topk(2, dim=1)
+    table = pa.table(
+        {
+            "key": ["a", "b"],
+            "topk_logits": pa.array(top_values.tolist(), pa.list_(pa.float32())),
+            "topk_indices": pa.array(top_indices.tolist(), pa.list_(pa.int16())),
+            "logsumexp": pa.array(logits.logsumexp(dim=1).tolist(), pa.float32()),
+        }
+    ).replace_schema_metadata({b"num_classes": b"4", b"teacher_digest": b"abc"})
+    pq.write_table(table, tmp_path / "topk.parquet")
+    dense = ParquetLogitsSource(tmp_path / "topk.parquet").lookup(["b", "a"])
+    expected = logits[[1, 0]]
+    top = top_indices[[1, 0]]
+    torch.testing.assert_close(dense.gather(1, top), expected.gather(1, top))
+    torch.testing.assert_close(dense.softmax(1).gather(1, top), expected.softmax(1).gather(1, top))
+    torch.testing.assert_close(dense.logsumexp(dim=1), expected.logsumexp(dim=1))
+
+
+def test_parquet_expected_digest_mismatch_raises(tmp_path: Path) -> None:
+    write_logits_parquet(tmp_path / "l.parquet", ["a"], torch.zeros(1, 2), digest="abc")
+    assert ParquetLogitsSource(tmp_path / "l.parquet", expected_digest="abc").card is not None
+    with pytest.raises(ValueError, match="not the expected def"):
+        ParquetLogitsSource(tmp_path / "l.parquet", expected_digest="def")
+
+
+def test_parquet_folder_of_two_teachers_raises(tmp_path: Path) -> None:
+    write_logits_parquet(tmp_path / "a.parquet", ["a"], torch.zeros(1, 2), digest="abc")
+    write_logits_parquet(tmp_path / "b.parquet", ["b"], torch.zeros(1, 2), digest="def")
+    with pytest.raises(ValueError, match="different teachers"):
+        ParquetLogitsSource(tmp_path)
