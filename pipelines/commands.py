@@ -1,4 +1,4 @@
-"""Subcommands owned by `pipelines`: prepare, train-teacher and demo."""
+"""Subcommands owned by `pipelines`: prepare, train-teacher, demo and precompute."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_prepare(subparsers)
     add_train_teacher(subparsers)
     add_demo(subparsers)
+    add_precompute(subparsers)
 
 
 def add_prepare(subparsers: argparse._SubParsersAction) -> None:
@@ -251,4 +252,140 @@ def run_demo_command(args: argparse.Namespace) -> int:
         ready_timeout_s=args.ready_timeout_s,
     )
     run_demo(config)
+    return 0
+
+
+def add_precompute(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "precompute",
+        help="write teacher logits for a dataset split as Parquet (Ray Data job)",
+        description="Run the teacher over every sample of a split with Ray Data and write "
+        "its logits as Parquet part files keyed by the WebDataset __key__, for the trainer's "
+        "--teacher-logits. A killed job, run again with the same options, computes only "
+        "the missing keys. The output folder appears only when complete.",
+    )
+    parser.add_argument(
+        "--teacher",
+        required=True,
+        help="portable teacher checkpoint (.safetensors), or a timm model name with "
+        "pretrained weights from the model hub",
+    )
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="shard folder written by `maskedkd prepare`, a .tar file or a brace pattern; "
+        "on a cluster, a path that every node can read",
+    )
+    parser.add_argument(
+        "--split", default="train", help="split to read from a shard folder (default: train)"
+    )
+    parser.add_argument(
+        "--out", required=True, help="output folder; it must not exist unless resuming"
+    )
+
+    parser.add_argument(
+        "--masking",
+        choices=["none", "random"],
+        default="none",
+        help="none: full images; random: a fixed random subset of patches per key, stored "
+        "in the `keep` column (default: none)",
+    )
+    parser.add_argument(
+        "--keep-ratio",
+        type=float,
+        default=None,
+        help="fraction of teacher patches kept with --masking random, in (0, 1]",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random masks (default: 0)")
+    parser.add_argument(
+        "--top-k",
+        type=int,
+        default=None,
+        help="store only the K largest logits, their class indices and the log-sum-exp "
+        "(default: every logit)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float16", "float32"],
+        default="float16",
+        help="storage dtype of logit values (default: float16)",
+    )
+
+    parser.add_argument(
+        "--batch-size", type=int, default=256, help="images per teacher forward (default: 256)"
+    )
+    parser.add_argument(
+        "--rows-per-part",
+        type=int,
+        default=8192,
+        help="minimum rows per Parquet part file, the unit a rerun keeps (default: 8192)",
+    )
+    parser.add_argument(
+        "--num-actors",
+        type=int,
+        default=None,
+        help="teacher actors (default: one per GPU of the cluster with CUDA, else 1)",
+    )
+    parser.add_argument(
+        "--cpus-per-actor",
+        type=float,
+        default=1.0,
+        help="CPUs reserved per teacher actor; on CPU also its torch threads (default: 1)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="teacher device; auto picks CUDA when the cluster has GPUs (default: auto)",
+    )
+
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to run on: `auto` for the cluster of this node, or HOST:6379; "
+        "Ray Client ray:// addresses are not supported (default: start a local Ray)",
+    )
+    parser.add_argument(
+        "--num-cpus",
+        type=int,
+        default=None,
+        help="CPUs of the local Ray started without --address (default: all)",
+    )
+    parser.add_argument(
+        "--progress-interval-s",
+        type=float,
+        default=10.0,
+        help="seconds between progress lines (default: 10)",
+    )
+    parser.set_defaults(func=run_precompute_command)
+
+
+def run_precompute_command(args: argparse.Namespace) -> int:
+    from pipelines.precompute import PrecomputeConfig, run_precompute
+
+    config = PrecomputeConfig(
+        teacher=args.teacher,
+        data=args.data,
+        out=Path(args.out),
+        split=args.split,
+        masking=args.masking,
+        keep_ratio=args.keep_ratio,
+        seed=args.seed,
+        top_k=args.top_k,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        rows_per_part=args.rows_per_part,
+        num_actors=args.num_actors,
+        cpus_per_actor=args.cpus_per_actor,
+        device=args.device,
+        address=args.address,
+        num_cpus=args.num_cpus,
+        progress_interval_s=args.progress_interval_s,
+    )
+    try:
+        summary = run_precompute(config)
+    except ValueError as err:
+        logger.error("%s", err)
+        return 2
+    print(json.dumps(summary))
     return 0
