@@ -53,7 +53,7 @@ NUM_PATCHES = 16  # 4x4 grid of 7x7 patches
 def ray_session() -> Iterator[None]:
     import ray
 
-    # Startup is slow on a busy machine; allow the raylet two minutes to come up.
+    # The raylet can take minutes to come up on a busy machine.
     os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
@@ -96,7 +96,7 @@ def images(shards: Path) -> dict[str, torch.Tensor]:
 def full_output(
     ray_session: None, shards: Path, teacher_file: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Path, dict[str, Any]]:
-    """Full float16 logits written through the command line; returns (folder, summary)."""
+    """Full float16 logits written through the command line, as (folder, manifest)."""
     out = tmp_path_factory.mktemp("precompute-full") / "logits"
     argv = [
         "precompute",
