@@ -327,7 +327,7 @@ def run(config: ServiceBenchmarkConfig) -> dict[str, Any]:
         in_process = statistics.median(values["in_process"])
         service = statistics.median(values["service"])
         # Both sides of a round run back to back, so a per-round ratio cancels most of the
-        # load that other processes put on the machine; the headline is their median.
+        # load from other processes. The headline is the median of these ratios.
         round_ratios = [
             service_round / in_process_round
             for service_round, in_process_round in zip(
