@@ -86,7 +86,7 @@ def engine(teacher_file: Path) -> MaskedTeacher:
 @pytest.fixture(scope="module")
 def images(shards: Path) -> dict[str, torch.Tensor]:
     """uint8 [1, 28, 28] pixels of every training image, by key."""
-    by_key = {}
+    by_key: dict[str, torch.Tensor] = {}
     for batch_images, _, keys in make_loader(list_shards(shards, "train"), 16, train=False):
         by_key.update(zip(keys, batch_images, strict=True))
     return by_key
