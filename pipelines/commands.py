@@ -72,7 +72,8 @@ def run_prepare(args: argparse.Namespace) -> int:
     )
 
     if args.samples_per_shard < 1:
-        raise SystemExit(f"--samples-per-shard must be at least 1, got {args.samples_per_shard}")
+        logger.error("--samples-per-shard must be at least 1, got %s", args.samples_per_shard)
+        return 2
     config = PrepareConfig(out_dir=Path(args.out), samples_per_shard=args.samples_per_shard)
     try:
         if args.source_kind == "fashion-mnist":
@@ -81,8 +82,8 @@ def run_prepare(args: argparse.Namespace) -> int:
             info = prepare_image_folder(
                 args.src, config, test_fraction=args.test_fraction, seed=args.seed
             )
-    except DatasetSourceError as err:
-        logger.error("%s", err)
+    except (DatasetSourceError, ValueError) as err:
+        logger.error("prepare failed: %s", err)
         return 2
     counts = {split: entry["count"] for split, entry in info["splits"].items()}
     print(f"{args.out}: {json.dumps(counts)} in {len(info['classes'])} classes")

@@ -153,12 +153,21 @@ def run_train(args: argparse.Namespace) -> int:
     """Run `maskedkd train`; return 0, 2 for invalid input, or 143 after SIGTERM."""
     config = config_from_args(args)
     from student_trainer.train import train
+    from teacher_service.client import TeacherServiceError
 
     try:
         summary = train(config)
     except (ValueError, FileNotFoundError) as error:
         logger.error("train failed: %s", error)
         return EXIT_INVALID_INPUT
+    except TeacherServiceError as error:
+        # The last epoch checkpoint stays in the run folder, so --resume continues from it.
+        logger.error(
+            "train failed: the teacher service did not answer: %s; check that it runs "
+            "(`maskedkd info --url URL`), then rerun with --resume",
+            error,
+        )
+        return 1
     logger.info(
         "trained %d steps: val top-1 %s, %.1f s blocked on the teacher; summary in %s",
         summary["steps"],

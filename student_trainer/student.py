@@ -72,6 +72,13 @@ def build_student(name: str, model_kwargs: dict[str, Any] | None = None) -> nn.M
         model = timm.create_model(name, pretrained=False, **kwargs)
     except RuntimeError as error:
         raise ValueError(f"timm has no model {name!r}: {error}") from error
+    except (AssertionError, TypeError) as error:
+        # timm checks sizes with asserts, for example that num_heads divides embed_dim.
+        raise ValueError(
+            f"timm cannot build student {name!r} with {kwargs}: {error or 'invalid sizes'}; "
+            "check the size options: num_heads must divide embed_dim, and patch_size "
+            "must divide img_size"
+        ) from error
     for attribute in ("patch_embed", "blocks", "num_prefix_tokens"):
         if not hasattr(model, attribute):
             raise ValueError(

@@ -247,6 +247,9 @@ def save_teacher(
         with open(temp_name, "rb") as stream:
             os.fsync(stream.fileno())
         digest = file_digest(temp_name)
+        # mkstemp creates the file readable by its owner only; a teacher checkpoint is
+        # read by replicas that may run as other users, so give it the usual 0644 mode.
+        os.chmod(temp_name, 0o644)
         os.replace(temp_name, destination)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
@@ -423,7 +426,15 @@ def _create_model(name: str, *, pretrained: bool, model_kwargs: Mapping[str, Any
             f"{name!r} is neither an existing checkpoint file nor a timm model name; "
             f"check the path, or list names with timm.list_models()"
         )
-    model: nn.Module = timm.create_model(name, pretrained=pretrained, **model_kwargs)
+    try:
+        model: nn.Module = timm.create_model(name, pretrained=pretrained, **model_kwargs)
+    except (AssertionError, TypeError) as error:
+        # timm checks sizes with asserts, for example that num_heads divides embed_dim.
+        raise ValueError(
+            f"timm cannot build {name!r} with {dict(model_kwargs)}: {error or 'invalid sizes'}; "
+            "check the size options: num_heads must divide embed_dim, and patch_size "
+            "must divide img_size"
+        ) from error
     return model.float()
 
 

@@ -126,6 +126,12 @@ def serve_teacher(config: ServeCommandConfig) -> int:
         else:
             logger.error("serve: connecting to Ray at %s failed: %s", config.address, error)
         return 1
+
+    # Installed after ray.init, which may install handlers of its own, and before the
+    # deployment, so that a signal sent as soon as /v1/ready answers is not lost.
+    stop = threading.Event()
+    for signal_number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signal_number, lambda number, frame: stop.set())
     try:
         serve.start(http_options={"host": config.host, "port": config.port})
         app = build_app(_service_args(config.service))
@@ -163,10 +169,6 @@ def serve_teacher(config: ServeCommandConfig) -> int:
         ray.shutdown()
         return 0
 
-    # Installed after ray.init, which may install handlers of its own.
-    stop = threading.Event()
-    for signal_number in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signal_number, lambda number, frame: stop.set())
     while not stop.wait(timeout=1.0):
         pass
     logger.info("stopping the teacher service")

@@ -175,3 +175,23 @@ def test_prepare_cli_missing_source_exits_2(tmp_path):
     )
 
     assert code == 2
+
+
+def test_prepare_cli_bad_test_fraction_exits_2(tmp_path):
+    src = tmp_path / "tree"
+    (src / "a").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(src / "a" / "0.png")
+
+    code = main(
+        [
+            "prepare",
+            "imagefolder",
+            str(src),
+            "--out",
+            str(tmp_path / "out"),
+            "--test-fraction",
+            "1.5",
+        ]
+    )
+
+    assert code == 2

@@ -129,3 +129,26 @@ def test_train_command_rejects_bad_keep_ratio(tiny_data: Path, tmp_path: Path) -
          "--keep-ratio", "0", "--out", str(tmp_path / "run"), "--device", "cpu"]
     )  # fmt: skip
     assert args.func(args) == EXIT_INVALID_INPUT
+
+
+def test_build_student_bad_sizes_raise():
+    from student_trainer.student import build_student
+
+    kwargs = {"img_size": 28, "patch_size": 4, "in_chans": 1, "embed_dim": 30, "num_heads": 4}
+    with pytest.raises(ValueError, match="num_heads must divide embed_dim"):
+        build_student("vit_tiny_patch16_224", kwargs)
+
+
+def test_train_unreachable_service_exits_1(tiny_data, tmp_path, caplog):
+    from pipelines.cli import main
+
+    args = ["train", "--data", str(tiny_data), "--student", "vit_tiny_patch16_224"]
+    args += ["--patch-size", "4", "--embed-dim", "16", "--depth", "1", "--num-heads", "2"]
+    args += ["--teacher-url", "http://127.0.0.1:1", "--teacher-timeout", "1"]
+    args += ["--batch-size", "8", "--max-steps", "1", "--no-progress"]
+    args += ["--out", str(tmp_path / "run")]
+
+    code = main(args)
+
+    assert code == 1
+    assert "did not answer" in caplog.text

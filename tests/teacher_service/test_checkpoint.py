@@ -286,3 +286,20 @@ def test_export_teacher_cli_rejects_unsupported_arch(tmp_path: Path) -> None:
     arguments = ["export-teacher", "resnet18", "--random-init", "--out", str(path)]
     assert main(arguments) == 2
     assert not path.exists()
+
+
+def test_load_teacher_bad_sizes_raise():
+    kwargs = {"img_size": 28, "patch_size": 4, "in_chans": 1, "embed_dim": 30, "num_heads": 4}
+    with pytest.raises(ValueError, match="num_heads must divide embed_dim"):
+        load_teacher("vit_tiny_patch16_224", random_init=True, model_kwargs=kwargs)
+
+
+def test_saved_teacher_is_world_readable(tmp_path):
+    kwargs = {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10}
+    kwargs |= {"embed_dim": 32, "depth": 1, "num_heads": 2}
+    model, spec = load_teacher("vit_tiny_patch16_224", random_init=True, model_kwargs=kwargs)
+    path = tmp_path / "teacher.safetensors"
+
+    save_teacher(model, spec, path)
+
+    assert path.stat().st_mode & 0o777 == 0o644
