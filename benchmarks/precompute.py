@@ -109,7 +109,8 @@ def main() -> None:
     loop = run_loop(args.teacher, args.data, args.split, args.batch_size, work / "loop.parquet")
     ray_data = run_ray_data(args, work / "ray")
     results: dict[str, Any] = {
-        "command_args": vars(args),
+        # Stored without the output path, which is specific to the machine.
+        "command_args": {k: v for k, v in vars(args).items() if k != "out"},
         "machine": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
