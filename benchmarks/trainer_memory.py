@@ -90,7 +90,8 @@ def main() -> None:
         rss = peak_rss_mib(args.data, split, work / split, args.batch_size)
         runs.append({"split": split, "images": images, "peak_rss_mib": round(rss, 1)})
     ratio = runs[1]["peak_rss_mib"] / runs[0]["peak_rss_mib"]
-    results = {"command_args": vars(args), "runs": runs, "peak_rss_60k_vs_10k": ratio}
+    command_args = {k: v for k, v in vars(args).items() if k != "out"}  # no machine paths
+    results = {"command_args": command_args, "runs": runs, "peak_rss_60k_vs_10k": ratio}
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print("| training images | peak RSS (MiB) |")
     print("|---|---|")
