@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from teacher_service.serve_cli import add_info_parser, add_serve_parser
+from teacher_service.serve_cli import _positive_int, add_info_parser, add_serve_parser
 
 logger = logging.getLogger(__name__)
 
@@ -248,16 +248,6 @@ def _add_input_options(parser: argparse.ArgumentParser) -> None:
         help="per-channel input standard deviation on the [0, 1] pixel scale, one value per "
         "channel (default: the model's pretrained config)",
     )
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
 
 
 def _int_or_pair(text: str) -> int | list[int]:
