@@ -93,6 +93,7 @@ def run_prepare(args: argparse.Namespace) -> int:
 def add_train_teacher(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train-teacher",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="train a ViT teacher on prepared shards",
         description="Train a timm ViT teacher on shards from `maskedkd prepare` and write a "
         "portable safetensors checkpoint after every epoch. The defaults are the recipe of "
@@ -134,7 +135,7 @@ def add_train_teacher(subparsers: argparse._SubParsersAction) -> None:
         "--save-dtype",
         choices=["float16", "float32"],
         default="float16",
-        help="weight dtype in the checkpoint (default: %(default)s)",
+        help="weight dtype in the checkpoint",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument(
@@ -188,10 +189,11 @@ def add_demo(subparsers: argparse._SubParsersAction) -> None:
     defaults = DemoConfig()
     parser = subparsers.add_parser(
         "demo",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="serve the shipped teacher and train three students against it",
         description="Prepare Fashion-MNIST shards, start `maskedkd serve` with the shipped "
         "teacher on 127.0.0.1, train the same student with no teacher, with full-image KD "
-        "and with MaskedKD keeping 50%% of patches (both through the service), then print "
+        "and with MaskedKD keeping 50% of patches (both through the service), then print "
         "and save the comparison.",
     )
     parser.add_argument("--out", default=str(defaults.out), help="output folder")
@@ -209,14 +211,13 @@ def add_demo(subparsers: argparse._SubParsersAction) -> None:
         "--steps-per-epoch",
         type=int,
         default=defaults.steps_per_epoch,
-        help="optimizer steps per epoch of each student run; 0 reads the whole train split "
-        "(default: %(default)s)",
+        help="optimizer steps per epoch of each student run; 0 reads the whole train split ",
     )
     parser.add_argument(
         "--max-steps",
         type=int,
         default=None,
-        help="stop each student run after this many steps (default: full epochs)",
+        help="stop each student run after this many steps (None: full epochs)",
     )
     parser.add_argument(
         "--batch-size", type=int, default=defaults.batch_size, help="images per step"
@@ -224,7 +225,7 @@ def add_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", type=float, default=defaults.lr, help="student peak learning rate")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed shared by all runs")
     parser.add_argument(
-        "--port", type=int, default=0, help="service port on 127.0.0.1 (default: a free one)"
+        "--port", type=int, default=0, help="service port on 127.0.0.1 (0: a free one)"
     )
     parser.add_argument(
         "--ready-timeout-s",
