@@ -1,10 +1,10 @@
 """The end-to-end demo: a shared teacher service and three students on Fashion-MNIST.
 
-`maskedkd demo` prepares the shards, starts `maskedkd serve` with the shipped teacher as
-a separate process on 127.0.0.1, trains the same student three ways with the same seed
-and budget (no teacher, full-image KD, MaskedKD keeping half the patches, the two KD runs
-through the service URL), stops the service, and writes a results table, `results.json`
-and a plot of the accuracy curves.
+`maskedkd demo` prepares the shards and starts `maskedkd serve` with the shipped teacher
+as a separate process on 127.0.0.1. It then trains the same student three ways with the
+same seed and budget: no teacher, full-image KD, and MaskedKD keeping half the patches,
+the two KD runs through the service URL. Finally it stops the service and writes a
+results table, `results.json` and a plot of the accuracy curves.
 """
 
 from __future__ import annotations

@@ -97,7 +97,7 @@ def read_idx(path: Path, expected_magic: int) -> np.ndarray:
     expected_bytes = header_bytes + int(np.prod(shape))
     if len(data) != expected_bytes:
         raise DatasetSourceError(
-            f"{path} holds {len(data)} bytes but its header {tuple(shape)} needs "
+            f"{path} contains {len(data)} bytes but its header {tuple(shape)} needs "
             f"{expected_bytes}; the file is truncated or corrupt, reinstall or re-download it"
         )
     return np.frombuffer(data, dtype=np.uint8, offset=header_bytes).reshape(shape)
@@ -181,7 +181,7 @@ def write_info(out_dir: Path, info: dict[str, Any]) -> Path:
 
 
 def is_complete(out_dir: Path) -> bool:
-    """Return whether `out_dir` holds a finished dataset: its info file and every shard."""
+    """Return whether `out_dir` contains a finished dataset: its info file and every shard."""
     info_path = out_dir / DATASET_INFO_NAME
     if not info_path.is_file():
         return False
@@ -207,7 +207,7 @@ def prepare_fashion_mnist(source_dir: str | Path, config: PrepareConfig) -> dict
     source = Path(source_dir)
     out_dir = Path(config.out_dir)
     if is_complete(out_dir):
-        logger.info("%s already holds a complete dataset; nothing to do", out_dir)
+        logger.info("%s already contains a complete dataset; nothing to do", out_dir)
         return json.loads((out_dir / DATASET_INFO_NAME).read_text(encoding="utf-8"))
     if not source.is_dir():
         raise DatasetSourceError(
@@ -307,7 +307,7 @@ def prepare_image_folder(
     source = Path(source_dir)
     out_dir = Path(config.out_dir)
     if is_complete(out_dir):
-        logger.info("%s already holds a complete dataset; nothing to do", out_dir)
+        logger.info("%s already contains a complete dataset; nothing to do", out_dir)
         return json.loads((out_dir / DATASET_INFO_NAME).read_text(encoding="utf-8"))
     classes, items = list_image_folder(source)
     with Image.open(items[0][0]) as first:

@@ -158,7 +158,7 @@ def init_weights(model: torch.nn.Module, path: Path, classes: list[str]) -> None
 def train_teacher(config: TeacherTrainConfig) -> dict[str, Any]:
     """Train the teacher, write its portable checkpoint, and return a summary.
 
-    The summary holds the test top-1 of the written weights, the epochs, the steps and
+    The summary contains the test top-1 of the written weights, the epochs, the steps and
     the wall time; it is also written beside the checkpoint as `<out>.json`.
     """
     import timm

@@ -247,8 +247,8 @@ def save_teacher(
         with open(temp_name, "rb") as stream:
             os.fsync(stream.fileno())
         digest = file_digest(temp_name)
-        # mkstemp creates the file readable by its owner only; a teacher checkpoint is
-        # read by replicas that may run as other users, so give it the usual 0644 mode.
+        # mkstemp creates the file readable by its owner only. Replicas that run as other
+        # users must read the checkpoint too, so it gets the usual 0644 mode.
         os.chmod(temp_name, 0o644)
         os.replace(temp_name, destination)
     except BaseException:

@@ -128,7 +128,7 @@ def serve_teacher(config: ServeCommandConfig) -> int:
         return 1
 
     # Installed after ray.init, which may install handlers of its own, and before the
-    # deployment, so that a signal sent as soon as /v1/ready answers is not lost.
+    # deployment, so that a signal sent as soon as /v1/ready returns 200 is not lost.
     stop = threading.Event()
     for signal_number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signal_number, lambda number, frame: stop.set())
