@@ -23,6 +23,8 @@ class IntervalMeter:
         images: training images.
         loss_sum, task_loss_sum, kd_loss_sum: per-step losses, summed.
         correct: images whose top-1 prediction equals the (unmixed) label.
+        teacher_correct: images whose teacher top-1, on the kept patches, equals the label.
+        teacher_images: images the teacher labelled.
         blocked_s: seconds the trainer waited on teacher results.
         teacher_macs_spent: teacher multiply-accumulates spent.
         teacher_macs_saved: multiply-accumulates saved against full images.
@@ -35,6 +37,8 @@ class IntervalMeter:
     task_loss_sum: float = 0.0
     kd_loss_sum: float = 0.0
     correct: int = 0
+    teacher_correct: int = 0
+    teacher_images: int = 0
     blocked_s: float = 0.0
     teacher_macs_spent: int = 0
     teacher_macs_saved: int = 0
@@ -48,6 +52,8 @@ class IntervalMeter:
         self.task_loss_sum += float(step["task_loss"])
         self.kd_loss_sum += float(step["kd_loss"])
         self.correct += int(step["correct"])
+        self.teacher_correct += int(step.get("teacher_correct", 0))
+        self.teacher_images += int(step.get("teacher_images", 0))
         self.blocked_s += float(step["blocked_s"])
         self.teacher_macs_spent += int(step["macs_spent"])
         self.teacher_macs_saved += int(step["macs_saved"])
@@ -61,6 +67,10 @@ class IntervalMeter:
             "task_loss": self.task_loss_sum / steps,
             "kd_loss": self.kd_loss_sum / steps,
             "train_top1": self.correct / max(self.images, 1),
+            # None without a teacher; with Mixup the label is the unmixed one.
+            "teacher_top1": (
+                self.teacher_correct / self.teacher_images if self.teacher_images else None
+            ),
             "img_per_s": self.images / elapsed_s,
             "interval_s": elapsed_s,
             "blocked_s": self.blocked_s,

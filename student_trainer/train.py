@@ -217,6 +217,7 @@ def train_step(trainer: Trainer, batch: Any, step: int) -> dict[str, Any]:
     scaler = trainer.scaler
     blocked_s = 0.0
     macs_spent = macs_saved = 0
+    teacher_correct = teacher_images = 0
     if future is None:
         scaler.scale(task_loss).backward()
         kd_loss = torch.zeros((), device=device)
@@ -231,6 +232,9 @@ def train_step(trainer: Trainer, batch: Any, step: int) -> dict[str, Any]:
         kd_loss = trainer.task.kd_loss(output, result.logits)
         scaler.scale(trainer.task.kd_weight * kd_loss).backward()
         macs_spent, macs_saved = result.macs_spent, result.macs_saved
+        # How often the teacher, seeing only the kept patches, names the true class.
+        teacher_correct = int((result.logits.argmax(dim=-1).to(device) == labels).sum())
+        teacher_images = B
 
     _optimizer_step(trainer, step + 1)
     task_value, kd_value = float(task_loss.detach()), float(kd_loss.detach())
@@ -243,6 +247,8 @@ def train_step(trainer: Trainer, batch: Any, step: int) -> dict[str, Any]:
         "blocked_s": blocked_s,
         "macs_spent": macs_spent,
         "macs_saved": macs_saved,
+        "teacher_correct": teacher_correct,
+        "teacher_images": teacher_images,
     }
 
 

@@ -46,6 +46,7 @@ def test_local_teacher_run_reduces_loss(tiny_data: Path, teacher_file: Path, tmp
     steps = [r for r in records if r["kind"] == "step"]
     assert all(r["kd_loss"] > 0 for r in steps)
     assert all(r["blocked_s"] >= 0 for r in steps)
+    assert all(0.0 <= r["teacher_top1"] <= 1.0 for r in steps)
     assert Path(summary["plot"]).stat().st_size > 0
     assert Path(summary["student_weights"]).is_file()
 
@@ -130,6 +131,11 @@ def test_no_teacher_run_is_repeatable(tiny_data: Path, tmp_path) -> None:
     assert first["final_val_top1"] == second["final_val_top1"]
     assert all(
         record["kd_loss"] == 0.0
+        for record in read_metrics(tmp_path / "a" / "metrics.jsonl")
+        if record["kind"] == "step"
+    )
+    assert all(
+        record["teacher_top1"] is None
         for record in read_metrics(tmp_path / "a" / "metrics.jsonl")
         if record["kind"] == "step"
     )
