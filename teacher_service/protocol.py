@@ -28,6 +28,7 @@ fully validated before any buffer is read.
 from __future__ import annotations
 
 import logging
+import struct
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -251,10 +252,75 @@ def _read_metadata(schema: pa.Schema) -> dict[str, str]:
     return metadata
 
 
+def _flatbuffer_field(buffer: bytes, table: int, index: int) -> int | None:
+    """Return the position of field `index` of the flatbuffer table at `table`, or None."""
+    (vtable_offset,) = struct.unpack_from("<i", buffer, table)
+    vtable = table - vtable_offset
+    if not 0 <= vtable < len(buffer):
+        raise struct.error(f"flatbuffer vtable offset {vtable} outside the message")
+    (vtable_bytes,) = struct.unpack_from("<H", buffer, vtable)
+    if 4 + 2 * index >= vtable_bytes:
+        return None
+    (field_offset,) = struct.unpack_from("<H", buffer, vtable + 4 + 2 * index)
+    return table + field_offset if field_offset else None
+
+
+def _flatbuffer_target(buffer: bytes, position: int) -> int:
+    """Follow the unsigned offset stored at `position`."""
+    (offset,) = struct.unpack_from("<I", buffer, position)
+    return position + offset
+
+
+def _is_compressed(message: pa.ipc.Message) -> bool:
+    """Return whether a record batch or dictionary batch message has compressed buffers.
+
+    Reads the `compression` field of the message's RecordBatch flatbuffer (Arrow
+    format/Message.fbs: Message.header is field 2, DictionaryBatch.data is field 1 and
+    RecordBatch.compression is field 3) without decompressing anything.
+    """
+    metadata = message.metadata.to_pybytes()
+    root = _flatbuffer_target(metadata, 0)
+    header = _flatbuffer_field(metadata, root, 2)
+    if header is None:
+        return False
+    batch = _flatbuffer_target(metadata, header)
+    if message.type == "dictionary batch":
+        data = _flatbuffer_field(metadata, batch, 1)
+        if data is None:
+            return False
+        batch = _flatbuffer_target(metadata, data)
+    return _flatbuffer_field(metadata, batch, 3) is not None
+
+
+def _reject_compressed(buffer: pa.Buffer) -> None:
+    """Raise for a stream with compressed buffers, before the reader inflates them.
+
+    A compressed buffer can expand a thousandfold, so a body under the size limit could
+    make the replica allocate gigabytes.
+    """
+    for message in pa.ipc.MessageReader.open_stream(buffer):
+        if message.type not in ("record batch", "dictionary batch"):
+            continue
+        try:
+            compressed = _is_compressed(message)
+        except (struct.error, IndexError):
+            raise ProtocolError(
+                400, "malformed_body", "body is not a valid Arrow IPC stream: corrupt message"
+            ) from None
+        if compressed:
+            raise ProtocolError(
+                400,
+                "malformed_body",
+                "compressed Arrow IPC buffers are not accepted; write the stream without "
+                "compression (IpcWriteOptions(compression=None))",
+            )
+
+
 def _read_table(body: bytes) -> pa.Table:
     if not body:
         raise ProtocolError(400, "malformed_body", "request body is empty")
     try:
+        _reject_compressed(pa.py_buffer(body))
         reader = pa.ipc.open_stream(pa.py_buffer(body))
         table = reader.read_all()
         for batch in table.to_batches():
@@ -362,6 +428,13 @@ def _decode_keep(
         raise invalid_content(
             f"column 'keep' row {int(np.flatnonzero(empty)[0])} is empty; keep at least "
             "one patch per image"
+        )
+    too_many = lengths > num_patches
+    if too_many.any():
+        row = int(np.flatnonzero(too_many)[0])
+        raise invalid_content(
+            f"column 'keep' row {row} lists {int(lengths[row])} patch indices, more than the "
+            f"teacher's grid of {num_patches} patches; keep each patch at most once"
         )
     out_of_range = (keep_values < 0) | (keep_values >= num_patches)
     if out_of_range.any():

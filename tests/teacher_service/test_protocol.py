@@ -368,3 +368,33 @@ def test_protocol_error_json_and_reduce() -> None:
         "busy",
         2.0,
     )
+
+
+@pytest.mark.parametrize("compression", ["lz4", "zstd"])
+def test_compressed_stream_is_rejected_before_inflating(compression: str) -> None:
+    # 4 MB of zeros compress to a few kilobytes: the decoder must not inflate them.
+    table = pa.table(
+        {
+            "keep": pa.array([[0]], type=pa.list_(pa.int16())),
+            "patches": pa.array([np.zeros(4_000_000, np.uint8)], type=pa.list_(pa.uint8())),
+        }
+    )
+    sink = pa.BufferOutputStream()
+    options = pa.ipc.IpcWriteOptions(compression=compression)
+    with pa.ipc.new_stream(sink, table.schema, options=options) as writer:
+        writer.write_table(table)
+    body = sink.getvalue().to_pybytes()
+    assert len(body) < 100_000
+    error = _reject(body)
+    assert error.status == 400
+    assert error.code == "malformed_body"
+    assert "compressed" in error.message
+
+
+def test_more_indices_than_grid_is_422() -> None:
+    keep = [np.concatenate([np.arange(49), [0]])]
+    body = encode_request([np.zeros((50, GRID.patch_dim), np.uint8)], keep)
+    error = _reject(body)
+    assert error.status == 422
+    assert "50 patch indices" in error.message
+    assert "49 patches" in error.message
