@@ -107,9 +107,9 @@ def load_checkpoint(run_dir: str | os.PathLike[str]) -> Checkpoint | None:
             f"{pointer_path} has format_version {pointer.get('format_version')!r}; this "
             f"version reads {FORMAT_VERSION}"
         )
-    model_state = safetensors.torch.load_file(run_path / pointer["model_file"])
+    model_state = _load_tensors(run_path / pointer["model_file"], pointer_path)
     optimizer_path = run_path / pointer["optimizer_file"]
-    tensors = safetensors.torch.load_file(optimizer_path)
+    tensors = _load_tensors(optimizer_path, pointer_path)
     with safetensors.safe_open(optimizer_path, framework="pt") as f:
         metadata = f.metadata() or {}
     rng = {k[len(_RNG_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_RNG_PREFIX)}
@@ -180,6 +180,22 @@ def write_json_atomic(path: str | os.PathLike[str], payload: dict[str, Any]) -> 
         f.flush()
         os.fsync(f.fileno())
     os.replace(partial, target)
+
+
+def _load_tensors(path: Path, pointer_path: Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file named by a checkpoint pointer; never unpickle anything."""
+    if not path.is_file():
+        raise ValueError(
+            f"{pointer_path} names {path}, which does not exist; the run folder is "
+            "incomplete, so start a new run or restore the file"
+        )
+    try:
+        return safetensors.torch.load_file(path)
+    except Exception as error:  # safetensors raises its own SafetensorError type
+        raise ValueError(
+            f"{path} is not a safetensors file ({error}); checkpoints are read only as "
+            "safetensors and are never unpickled"
+        ) from None
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

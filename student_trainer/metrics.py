@@ -106,6 +106,53 @@ class MetricsWriter:
         self._file.close()
 
 
+def drop_metrics_after_step(path: str | os.PathLike[str], step: int) -> int:
+    """Remove the records of steps after `step` from a metrics file, atomically.
+
+    A run killed between checkpoints has written lines for steps that its resumed run
+    trains again. Resuming from the checkpoint of `step` calls this first, so that every
+    step appears once. Records without a `step` are kept, and a line cut short by the kill
+    is dropped.
+
+    Returns:
+        The number of lines removed.
+    """
+    source = Path(path)
+    if not source.is_file():
+        return 0
+    kept: list[str] = []
+    dropped = 0
+    with open(source, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                dropped += 1
+                continue
+            record_step = record.get("step") if isinstance(record, dict) else None
+            if isinstance(record_step, int) and record_step > step:
+                dropped += 1
+                continue
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if dropped == 0:
+        return 0
+    partial = source.with_name(f".{source.name}.tmp")
+    with open(partial, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, source)
+    logger.info(
+        "removed %d metrics lines written after the checkpoint of step %d from %s",
+        dropped,
+        step,
+        source,
+    )
+    return dropped
+
+
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Read every record of a metrics.jsonl file."""
     with open(path, encoding="utf-8") as f:

@@ -36,7 +36,12 @@ from student_trainer.checkpointing import (
 )
 from student_trainer.config import TrainConfig
 from student_trainer.data import make_loader
-from student_trainer.metrics import IntervalMeter, MetricsWriter, plot_metrics
+from student_trainer.metrics import (
+    IntervalMeter,
+    MetricsWriter,
+    drop_metrics_after_step,
+    plot_metrics,
+)
 from student_trainer.prefetch import BackgroundIterator
 from student_trainer.trainer_setup import (
     RunState,
@@ -95,6 +100,8 @@ def _checkpoint_to_resume(config: TrainConfig, run_dir: Path) -> Any:
     checkpoint = load_checkpoint(run_dir)
     if checkpoint is None:
         logger.warning("no checkpoint in %s to resume; starting at step 0", run_dir)
+    # Steps after the checkpoint run again, so the lines a killed run wrote for them go.
+    drop_metrics_after_step(run_dir / METRICS_NAME, checkpoint.state["step"] if checkpoint else 0)
     return checkpoint
 
 

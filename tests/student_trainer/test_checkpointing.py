@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from student_trainer.checkpointing import (
     optimizer_to_tensors,
     save_checkpoint,
 )
+from student_trainer.metrics import drop_metrics_after_step, read_metrics
 
 
 def trained_pair() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -75,3 +77,65 @@ def test_unknown_checkpoint_format_raises(tmp_path: Path) -> None:
     (tmp_path / "checkpoint.json").write_text(json.dumps({"format_version": 99}))
     with pytest.raises(ValueError, match="format_version 99"):
         load_checkpoint(tmp_path)
+
+
+def test_pickled_model_file_is_rejected(tmp_path: Path) -> None:
+    model, optimizer = trained_pair()
+    save_checkpoint(tmp_path, model=model, optimizer=optimizer, state={"step": 1}, rng={})
+    model_file = tmp_path / json.loads((tmp_path / "checkpoint.json").read_text())["model_file"]
+    # A pickle whose loading would create a file: it must never be unpickled.
+    canary = tmp_path / "unpickled"
+    model_file.write_bytes(pickle.dumps(_Canary(str(canary))))
+    with pytest.raises(ValueError, match="not a safetensors file.*never unpickled"):
+        load_checkpoint(tmp_path)
+    assert not canary.exists()
+
+
+def test_missing_model_file_is_named(tmp_path: Path) -> None:
+    model, optimizer = trained_pair()
+    save_checkpoint(tmp_path, model=model, optimizer=optimizer, state={"step": 1}, rng={})
+    for path in (tmp_path / "checkpoints").glob("*.model.safetensors"):
+        path.unlink()
+    with pytest.raises(ValueError, match="does not exist"):
+        load_checkpoint(tmp_path)
+
+
+class _Canary:
+    """Creates `path` when unpickled."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (self.path, "w"))
+
+
+def _write_lines(path: Path, records: list[dict]) -> None:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+
+
+def test_drop_metrics_after_step_keeps_checkpointed_lines(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    records = [
+        {"kind": "start", "step": 0},
+        {"kind": "step", "step": 2},
+        {"kind": "epoch", "step": 4},
+        {"kind": "step", "step": 5},
+        {"kind": "step", "step": 6},
+        {"kind": "note"},
+    ]
+    _write_lines(path, records)
+    with open(path, "a") as f:
+        f.write('{"kind": "step", "st')  # a line cut short by SIGKILL
+    assert drop_metrics_after_step(path, 4) == 3
+    assert read_metrics(path) == [records[0], records[1], records[2], records[5]]
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_drop_metrics_after_step_leaves_clean_file_alone(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    _write_lines(path, [{"kind": "start", "step": 0}, {"kind": "epoch", "step": 4}])
+    before = path.stat().st_mtime_ns
+    assert drop_metrics_after_step(path, 4) == 0
+    assert path.stat().st_mtime_ns == before
+    assert drop_metrics_after_step(tmp_path / "absent.jsonl", 4) == 0
