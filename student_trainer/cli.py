@@ -46,6 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_teacher_options(parser)
     _add_loss_options(parser)
     _add_run_options(parser)
+    _add_cluster_options(parser)
     parser.set_defaults(func=run_train)
 
 
@@ -62,7 +63,7 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--train-split", default="train", help=_help("train_split"))
     group.add_argument("--val-split", default="test", help=_help("val_split"))
     group.add_argument("--steps-per-epoch", type=int, help=_help("steps_per_epoch"))
-    group.add_argument("--num-workers", type=int, default=0, help=_help("num_workers"))
+    group.add_argument("--loader-workers", type=int, default=0, help=_help("loader_workers"))
 
 
 def _add_student_options(parser: argparse.ArgumentParser) -> None:
@@ -131,6 +132,23 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         "--no-progress", dest="progress", action="store_false", help="hide the progress bar"
     )
     group.add_argument("--run-name", help=_help("run_name"))
+
+
+def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "training on a Ray cluster",
+        "With --num-workers, Ray Train runs the same loop on N workers (PyTorch DDP), each "
+        "reading its own share of the shards and asking the teacher for its own share of "
+        "the batch; --batch-size is per worker.",
+    )
+    group.add_argument("--num-workers", type=int, metavar="N", help=_help("num_workers"))
+    group.add_argument("--use-gpu", action="store_true", help=_help("use_gpu"))
+    group.add_argument("--address", metavar="ADDR", help=_help("address"))
+    group.add_argument(
+        "--lr-scaling", choices=("linear", "none"), default="linear", help=_help("lr_scaling")
+    )
+    group.add_argument("--storage-path", metavar="PATH_OR_URI", help=_help("storage_path"))
+    group.add_argument("--record-keys", action="store_true", help=_help("record_keys"))
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -15,6 +15,7 @@ from typing import Any
 
 MASKING_POLICIES = ("student", "random", "none")
 KD_TYPES = ("soft", "hard")
+LR_SCALING_RULES = ("linear", "none")
 SOURCE_FIELDS = ("teacher_url", "teacher_app", "teacher", "teacher_logits")
 
 
@@ -43,7 +44,9 @@ class TrainConfig:
         "optimizer steps per epoch; None derives it from dataset.json as train count // "
         "batch size (needed when data is a pattern without dataset.json)",
     )
-    num_workers: int = _field(0, "DataLoader worker processes that decode shards (0: none)")
+    loader_workers: int = _field(
+        0, "DataLoader worker processes that decode shards, per training process (0: none)"
+    )
     out: str = _field("runs/student", "run folder for checkpoints, metrics.jsonl and plots")
 
     # Student.
@@ -118,6 +121,30 @@ class TrainConfig:
         None, "name sent to the teacher service with each request; default: run folder name"
     )
 
+    # Training on a Ray cluster (Ray Train, one DDP process per worker).
+    num_workers: int | None = _field(
+        None, "Ray Train worker processes, one DDP rank each; None: a plain single-process run"
+    )
+    use_gpu: bool = _field(False, "give each Ray Train worker one GPU (NCCL); else CPU (gloo)")
+    address: str | None = _field(
+        None,
+        "Ray cluster address for the workers (auto: the local node's cluster); None "
+        "starts a local Ray",
+    )
+    lr_scaling: str = _field(
+        "linear",
+        "how lr follows the worker count: linear (lr x workers, as the effective batch grows "
+        "with the workers) or none",
+    )
+    storage_path: str | None = _field(
+        None,
+        "Ray Train storage for reported checkpoints, reachable from every node (a shared "
+        "folder or a cloud URI); None: ray_train inside the run folder",
+    )
+    record_keys: bool = _field(
+        False, "write the sample keys each rank trained on to trained_keys/rank<k>.txt (debug)"
+    )
+
     def __post_init__(self) -> None:
         self.student_kwargs = dict(self.student_kwargs or {})
         if self.student_mean is not None:
@@ -162,6 +189,7 @@ class TrainConfig:
 
         self._validate_source_options()
         self._validate_numbers()
+        self._validate_workers()
 
     def _validate_source_options(self) -> None:
         if self.source_kind != "logits":
@@ -196,6 +224,44 @@ class TrainConfig:
                 f"Mixup/CutMix needs an even batch size, got {self.batch_size}; "
                 "use an even --batch-size"
             )
+
+    def _validate_workers(self) -> None:
+        if self.loader_workers < 0:
+            raise ValueError(f"loader_workers must be 0 or more, got {self.loader_workers}")
+        if self.lr_scaling not in LR_SCALING_RULES:
+            raise ValueError(
+                f"lr_scaling must be one of {LR_SCALING_RULES}, got {self.lr_scaling!r}"
+            )
+        if self.num_workers is None:
+            for name, flag in (("use_gpu", "--use-gpu"), ("address", "--address")):
+                if getattr(self, name):
+                    raise ValueError(
+                        f"{flag} applies to Ray Train workers; add --num-workers N, or drop "
+                        f"{flag} for a single-process run"
+                    )
+            return
+        if self.num_workers < 1:
+            raise ValueError(
+                f"num_workers must be at least 1, got {self.num_workers}; omit --num-workers "
+                "for a single-process run"
+            )
+        if self.device not in ("auto", "cpu") or (self.device == "cpu" and self.use_gpu):
+            raise ValueError(
+                f"device {self.device!r} applies to single-process runs; with --num-workers, "
+                "pass --use-gpu for one GPU per worker or leave --device at auto"
+            )
+
+    @property
+    def world_lr(self) -> float:
+        """Return the peak learning rate of a run on `num_workers` workers."""
+        return self.lr * self.lr_scale
+
+    @property
+    def lr_scale(self) -> float:
+        """Return the factor applied to `lr`: the worker count under linear scaling, else 1."""
+        if self.lr_scaling == "linear" and self.num_workers:
+            return float(self.num_workers)
+        return 1.0
 
     @property
     def effective_keep_ratio(self) -> float:

@@ -3,6 +3,13 @@
 Shards are the ones `maskedkd prepare` writes: each sample has a `__key__`, a `png` image
 and a `cls` integer label, and the folder holds a `dataset.json` with counts and classes.
 Samples stream from the tar files, so memory does not grow with the dataset's size.
+
+Data-parallel ranks read disjoint parts of a split. With at least as many shards as ranks,
+rank k reads shards k, k + R, k + 2R, ... of the epoch's shuffled shard list (R ranks), so
+each shard is read by one rank only. With fewer shards than ranks, every rank reads every
+shard and keeps the samples at stream positions k, k + R, ... before decoding them. Shard
+splitting reads each byte once but gives ranks unequal counts when shard sizes differ, and
+the trainer ends an epoch when the first rank runs out of batches.
 """
 
 from __future__ import annotations
@@ -150,6 +157,8 @@ def make_dataset(
     epoch: int = 0,
     shuffle_buffer: int = 2000,
     drop_last: bool | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> wds.WebDataset:
     """Build the WebDataset pipeline that yields `Batch` objects.
 
@@ -162,6 +171,9 @@ def make_dataset(
         epoch: epoch number, mixed into the seed so each epoch sees a new order.
         shuffle_buffer: samples held in the shuffle buffer (memory grows with it).
         drop_last: override whether the final partial batch is dropped.
+        rank: this process's data-parallel rank; it reads the part of the data that the
+            module docstring describes.
+        world_size: number of data-parallel ranks.
 
     Returns:
         An iterable dataset; iterate it directly or wrap it in `wds.WebLoader`.
@@ -171,15 +183,24 @@ def make_dataset(
     shard_list = list(shards)
     if not shard_list:
         raise ValueError("no shards to read: pass at least one .tar file")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
     if train:
+        # Every rank shuffles with the same seed, so their shard lists agree.
         random.Random(seed * 1_000_003 + epoch).shuffle(shard_list)
+    split_shards = world_size > 1 and len(shard_list) >= world_size
+    if split_shards:
+        shard_list = shard_list[rank::world_size]
     dataset = wds.WebDataset(
         shard_list,
         shardshuffle=False,
-        nodesplitter=wds.split_by_node,
+        # The rank's part is chosen here and below, not from torch.distributed's state.
+        nodesplitter=_all_shards,
         workersplitter=wds.split_by_worker,
         empty_check=False,
     )
+    if world_size > 1 and not split_shards:
+        dataset = dataset.compose(_every_nth_sample(rank, world_size))
     if train:
         dataset = dataset.shuffle(shuffle_buffer, seed=seed * 1_000_003 + epoch)
     partial = not train if drop_last is None else not drop_last
@@ -196,11 +217,13 @@ def make_loader(
     num_workers: int = 0,
     shuffle_buffer: int = 2000,
     drop_last: bool | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Any:
     """Return an iterable of `Batch` (images uint8 [B, C, H, W], labels [B], keys).
 
     With `num_workers` above zero, decoding runs in DataLoader worker processes, each
-    reading its own shards; see `make_dataset` for the other arguments.
+    reading its own shards of this rank's part; see `make_dataset` for the other arguments.
     """
     dataset = make_dataset(
         shards,
@@ -210,15 +233,34 @@ def make_loader(
         epoch=epoch,
         shuffle_buffer=shuffle_buffer,
         drop_last=drop_last,
+        rank=rank,
+        world_size=world_size,
     )
     if num_workers <= 0:
         return dataset
-    if num_workers > len(shards):
+    rank_shards = len(shards) // world_size if len(shards) >= world_size else len(shards)
+    if num_workers > rank_shards:
         logger.warning(
-            "num_workers=%s exceeds the %s shards; extra workers would read nothing, using %s",
+            "num_workers=%s exceeds the %s shards this rank reads; extra workers would read "
+            "nothing, using %s",
             num_workers,
-            len(shards),
-            len(shards),
+            rank_shards,
+            rank_shards,
         )
-        num_workers = len(shards)
+        num_workers = rank_shards
     return wds.WebLoader(dataset, batch_size=None, num_workers=num_workers)
+
+
+def _all_shards(urls: Any) -> Any:
+    return urls
+
+
+def _every_nth_sample(rank: int, world_size: int) -> Any:
+    """Return a pipeline stage that keeps the samples at positions rank, rank + world_size, ..."""
+
+    def keep_rank_samples(samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for position, sample in enumerate(samples):
+            if position % world_size == rank:
+                yield sample
+
+    return keep_rank_samples

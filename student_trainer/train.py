@@ -9,7 +9,9 @@ One step, with a teacher:
     5. distillation-loss backward, optimizer step, learning-rate update
 
 The next batch is decoded in a background thread meanwhile. `train(config)` returns a
-summary dict; `maskedkd train` is its command line.
+summary dict; `maskedkd train` is its command line. With `config.num_workers`, Ray Train
+runs `run_training` on every worker (`student_trainer.distributed`); without it, this
+process runs it and imports no Ray.
 """
 
 from __future__ import annotations
@@ -24,42 +26,32 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
-from student_trainer.checkpointing import (
-    POINTER_NAME,
-    load_checkpoint,
-    save_checkpoint,
-    save_student_weights,
-    write_json_atomic,
-)
+from student_trainer.checkpointing import POINTER_NAME, Checkpoint, load_checkpoint
 from student_trainer.config import TrainConfig
 from student_trainer.data import make_loader
-from student_trainer.metrics import (
-    IntervalMeter,
-    MetricsWriter,
-    drop_metrics_after_step,
-    plot_metrics,
-)
+from student_trainer.metrics import IntervalMeter, drop_metrics_after_step
 from student_trainer.prefetch import BackgroundIterator
+from student_trainer.run_output import (
+    METRICS_NAME,
+    RunFolderOutput,
+    RunOutput,
+    run_summary,
+)
 from student_trainer.trainer_setup import (
     RunState,
     Trainer,
     autocast,
     build_trainer,
-    capture_rng,
     restore_rng,
 )
 
-__all__ = ["TrainConfig", "train"]
+__all__ = ["TrainConfig", "run_training", "train"]
 
 logger = logging.getLogger(__name__)
-
-METRICS_NAME = "metrics.jsonl"
-PLOT_NAME = "metrics.png"
-SUMMARY_NAME = "summary.json"
-STUDENT_WEIGHTS_NAME = "student.safetensors"
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
@@ -73,22 +65,49 @@ def train(config: TrainConfig) -> dict[str, Any]:
         the paths of the checkpoint, weights, metrics and plot.
     """
     config.validate()
-    run_dir = Path(config.out)
-    checkpoint = _checkpoint_to_resume(config, run_dir)
+    if config.num_workers is not None:
+        from student_trainer.distributed import train_on_workers
+
+        return train_on_workers(config)
+    checkpoint = checkpoint_to_resume(config, Path(config.out))
     trainer = build_trainer(config, checkpoint.state if checkpoint else None)
-    writer = MetricsWriter(run_dir / METRICS_NAME)
+    output = RunFolderOutput(config.out)
     try:
-        state = _start_state(trainer, checkpoint)
-        writer.write({"kind": "start", "step": state.step, **trainer.describe()})
-        with _stop_on_sigterm(trainer):
-            _run_epochs(trainer, state, writer)
-        return _finish(trainer, state, writer)
+        return run_training(trainer, checkpoint, output)
     finally:
-        writer.close()
+        output.close()
         trainer.close()
 
 
-def _checkpoint_to_resume(config: TrainConfig, run_dir: Path) -> Any:
+def run_training(
+    trainer: Trainer, checkpoint: Checkpoint | None, output: RunOutput
+) -> dict[str, Any]:
+    """Run the epochs of a built trainer from `checkpoint` (None: step 0); return the summary.
+
+    Single-process runs and every Ray Train worker run this same function. On workers,
+    `trainer.world` connects the ranks and `output` reports rank 0's lines and files.
+    """
+    state = _start_state(trainer, checkpoint)
+    start_record = {"kind": "start", "step": state.step, **trainer.describe()}
+    output.write(start_record)
+    logger.info("training on %s", _describe_parallel(start_record["parallel"]))
+    with _stop_on_sigterm(trainer):
+        _run_epochs(trainer, state, output)
+    summary = run_summary(trainer, state)
+    output.finish(trainer, state, summary)
+    return summary
+
+
+def _describe_parallel(parallel: dict[str, Any]) -> str:
+    return (
+        f"{parallel['world_size']} worker(s): batch {parallel['batch_size_per_worker']} per "
+        f"worker, effective batch {parallel['effective_batch_size']}, lr {parallel['lr']:.4g} "
+        f"(base lr {parallel['base_lr']:.4g}, {parallel['lr_scaling']} scaling)"
+    )
+
+
+def checkpoint_to_resume(config: TrainConfig, run_dir: Path) -> Checkpoint | None:
+    """Return the run folder's checkpoint with `config.resume`, else check there is none."""
     has_checkpoint = (run_dir / POINTER_NAME).is_file()
     if not config.resume:
         if has_checkpoint:
@@ -105,7 +124,7 @@ def _checkpoint_to_resume(config: TrainConfig, run_dir: Path) -> Any:
     return checkpoint
 
 
-def _start_state(trainer: Trainer, checkpoint: Any) -> RunState:
+def _start_state(trainer: Trainer, checkpoint: Checkpoint | None) -> RunState:
     if checkpoint is None:
         return RunState()
     saved_student = checkpoint.state.get("student")
@@ -118,6 +137,12 @@ def _start_state(trainer: Trainer, checkpoint: Any) -> RunState:
     trainer.optimizer.load_state_dict(checkpoint.optimizer_state)
     restore_rng(trainer, checkpoint.rng, checkpoint.state["numpy_rng"])
     state = RunState.from_json(checkpoint.state["run"])
+    if trainer.world.rank:
+        # The checkpoint contains rank 0's generators, so the other ranks reseed their own.
+        seed = trainer.config.seed + trainer.world.rank + 1_000_003 * state.step
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        trainer.generator.manual_seed(seed + 1)
     trainer.scheduler.step_update(num_updates=state.step)
     logger.info(
         "resumed at step %d (epoch %d, batch %d)", state.step, state.epoch, state.step_in_epoch
@@ -125,11 +150,11 @@ def _start_state(trainer: Trainer, checkpoint: Any) -> RunState:
     return state
 
 
-def _run_epochs(trainer: Trainer, state: RunState, writer: MetricsWriter) -> None:
+def _run_epochs(trainer: Trainer, state: RunState, output: RunOutput) -> None:
     config = trainer.config
     while state.epoch < config.epochs and not _reached_max_steps(config, state):
         epoch_meter = IntervalMeter()
-        completed = _train_epoch(trainer, state, writer, epoch_meter)
+        completed = _train_epoch(trainer, state, output, epoch_meter)
 
         # Evaluate unless stopping on SIGTERM, where the grace period may be short.
         evaluation = {} if trainer.stop_requested else evaluate(trainer)
@@ -142,7 +167,7 @@ def _run_epochs(trainer: Trainer, state: RunState, writer: MetricsWriter) -> Non
             **evaluation,
             **state.totals(),
         }
-        writer.write(epoch_record)
+        output.write(epoch_record)
         logger.info("epoch %d: %s", state.epoch, _short(epoch_record))
         if evaluation:
             state.last_val_top1 = evaluation["val_top1"]
@@ -150,23 +175,26 @@ def _run_epochs(trainer: Trainer, state: RunState, writer: MetricsWriter) -> Non
         if completed:
             state.epoch += 1
             state.step_in_epoch = 0
-        _save(trainer, state)
+        output.save(trainer, state)
         if trainer.stop_requested:
             break
 
 
 def _train_epoch(
-    trainer: Trainer, state: RunState, writer: MetricsWriter, epoch_meter: IntervalMeter
+    trainer: Trainer, state: RunState, output: RunOutput, epoch_meter: IntervalMeter
 ) -> bool:
     """Run the rest of the current epoch; return False when stopped before its end."""
     config = trainer.config
+    world = trainer.world
     loader = make_loader(
         trainer.train_shards,
         config.batch_size,
         train=True,
         seed=config.seed,
         epoch=state.epoch,
-        num_workers=config.num_workers,
+        num_workers=config.loader_workers,
+        rank=world.rank,
+        world_size=world.world_size,
     )
     progress = tqdm(
         total=trainer.steps_per_epoch,
@@ -181,17 +209,22 @@ def _train_epoch(
         # A resumed epoch re-reads and skips the batches it had already trained on.
         for _ in zip(range(state.step_in_epoch), batches, strict=False):
             pass
-        for batch in batches:
-            if state.step_in_epoch >= trainer.steps_per_epoch:
+        while state.step_in_epoch < trainer.steps_per_epoch:
+            # Ranks whose shards hold fewer samples run out first, and all ranks must stop
+            # together because every step all-reduces gradients.
+            batch = next(batches, None)
+            if not world.all_true(batch is not None, trainer.device) or batch is None:
                 break
-            step = train_step(trainer, batch, state.step)
+            if config.record_keys:
+                output.add_keys(batch.keys)
+            step = world.reduce_step(train_step(trainer, batch, state.step), trainer.device)
             state.add_step(step)
             interval.add(step)
             epoch_meter.add(step)
             progress.update(1)
             progress.set_postfix(loss=f"{step['loss']:.3f}", blocked=f"{step['blocked_s']:.3f}s")
             if state.step % config.log_every == 0:
-                _log_interval(trainer, state, writer, interval)
+                _log_interval(trainer, state, output, interval)
                 interval = IntervalMeter()
             if trainer.stop_requested or _reached_max_steps(config, state):
                 stopped_early = True
@@ -214,8 +247,9 @@ def train_step(trainer: Trainer, batch: Any, step: int) -> dict[str, Any]:
 
     # Student forward; the saliency hook records the CLS attention of the last block.
     trainer.student.train()
-    with autocast(trainer):
-        output = trainer.student(pixels)
+    model = trainer.forward_module
+    with autocast(trainer), trainer.world.local_gradients(model):
+        output = model(pixels)
 
     # Ask the teacher now, so that it works while the task-loss backward runs.
     future = _submit_teacher_request(trainer, images, pixels, keys)
@@ -278,6 +312,7 @@ def _submit_teacher_request(
 
 def _optimizer_step(trainer: Trainer, num_updates: int) -> None:
     scaler = trainer.scaler
+    trainer.world.average_gradients(trainer.student)
     if trainer.config.clip_grad is not None:
         scaler.unscale_(trainer.optimizer)
         torch.nn.utils.clip_grad_norm_(trainer.student.parameters(), trainer.config.clip_grad)
@@ -289,10 +324,21 @@ def _optimizer_step(trainer: Trainer, num_updates: int) -> None:
 
 @torch.no_grad()
 def evaluate(trainer: Trainer) -> dict[str, Any]:
-    """Return top-1 accuracy and mean cross-entropy of the student on the evaluation set."""
+    """Return top-1 accuracy and mean cross-entropy of the student on the evaluation set.
+
+    On Ray Train workers each rank evaluates its own part of the evaluation shards, and the
+    sums are all-reduced, so every rank returns the numbers of the whole set.
+    """
     if not trainer.val_shards:
         return {}
-    loader = make_loader(trainer.val_shards, trainer.config.batch_size, train=False)
+    world = trainer.world
+    loader = make_loader(
+        trainer.val_shards,
+        trainer.config.batch_size,
+        train=False,
+        rank=world.rank,
+        world_size=world.world_size,
+    )
     trainer.student.eval()
     trainer.saliency.enabled = False
     correct = images_seen = 0
@@ -309,6 +355,8 @@ def evaluate(trainer: Trainer) -> dict[str, Any]:
     finally:
         trainer.student.train()
         trainer.saliency.enabled = trainer.needs_saliency
+    totals = world.sum_values([loss_sum, correct, images_seen], trainer.device)
+    loss_sum, correct, images_seen = totals[0], int(totals[1]), int(totals[2])
     if images_seen == 0:
         raise ValueError(f"evaluation shards {trainer.val_shards} yielded no images")
     return {
@@ -319,7 +367,7 @@ def evaluate(trainer: Trainer) -> dict[str, Any]:
 
 
 def _log_interval(
-    trainer: Trainer, state: RunState, writer: MetricsWriter, interval: IntervalMeter
+    trainer: Trainer, state: RunState, output: RunOutput, interval: IntervalMeter
 ) -> None:
     record = {
         "kind": "step",
@@ -329,52 +377,8 @@ def _log_interval(
         **interval.summary(),
         **state.totals(),
     }
-    writer.write(record)
+    output.write(record)
     logger.debug("step %d: %s", state.step, _short(record))
-
-
-def _save(trainer: Trainer, state: RunState) -> None:
-    rng, numpy_rng = capture_rng(trainer)
-    save_checkpoint(
-        trainer.config.out,
-        model=trainer.vit,
-        optimizer=trainer.optimizer,
-        state={
-            "step": state.step,
-            "run": state.to_json(),
-            "student": trainer.student_description(),
-            "numpy_rng": numpy_rng,
-            "config": trainer.config.to_json(),
-        },
-        rng=rng,
-    )
-
-
-def _finish(trainer: Trainer, state: RunState, writer: MetricsWriter) -> dict[str, Any]:
-    run_dir = Path(trainer.config.out)
-    weights_path = run_dir / STUDENT_WEIGHTS_NAME
-    save_student_weights(weights_path, trainer.vit, trainer.student_description())
-    plot_path = run_dir / PLOT_NAME
-    plot_metrics(run_dir / METRICS_NAME, plot_path)
-    summary = {
-        "run_dir": str(run_dir),
-        "steps": state.step,
-        "epochs_completed": state.epoch,
-        "stopped_by_signal": trainer.stop_requested,
-        "final_val_top1": state.last_val_top1,
-        "best_val_top1": state.best_val_top1,
-        **state.totals(),
-        "train_time_s": state.train_time_s,
-        "blocked_fraction": state.blocked_s / max(state.train_time_s, 1e-9),
-        "source": trainer.source.describe(),
-        "checkpoint": str(run_dir / POINTER_NAME),
-        "student_weights": str(weights_path),
-        "metrics": str(run_dir / METRICS_NAME),
-        "plot": str(plot_path),
-    }
-    writer.write({"kind": "end", **summary})
-    write_json_atomic(run_dir / SUMMARY_NAME, summary)
-    return summary
 
 
 def _reached_max_steps(config: TrainConfig, state: RunState) -> bool:

@@ -10,7 +10,7 @@ import contextlib
 import logging
 import random
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from torch import nn
 from student_trainer.config import TrainConfig
 from student_trainer.data import count_samples, list_shards, make_loader, read_dataset_info
 from student_trainer.loss import MaskedKDTask
+from student_trainer.parallel import World
 from student_trainer.saliency import CLSAttentionSaliency
 from student_trainer.selection import GridMap, get_policy, keep_count_for
 from student_trainer.sources import (
@@ -121,7 +122,14 @@ class Trainer:
     generator: torch.Generator
     student_kwargs: dict[str, Any]
     geometry: dict[str, Any]
+    world: World = field(default_factory=World)
+    train_module: nn.Module | None = None
     stop_requested: bool = False
+
+    @property
+    def forward_module(self) -> nn.Module:
+        """The module of the training forward: the DDP wrapper on workers, else the student."""
+        return self.train_module if self.train_module is not None else self.student
 
     @property
     def uses_teacher(self) -> bool:
@@ -168,6 +176,19 @@ class Trainer:
             "steps_per_epoch": self.steps_per_epoch,
             "device": str(self.device),
             "amp_dtype": str(self.amp_dtype) if self.amp_dtype else None,
+            "parallel": self.describe_parallel(),
+        }
+
+    def describe_parallel(self) -> dict[str, Any]:
+        """Return the worker count, the effective batch size and the learning-rate scaling."""
+        world_size = self.world.world_size
+        return {
+            "world_size": world_size,
+            "batch_size_per_worker": self.config.batch_size,
+            "effective_batch_size": self.config.batch_size * world_size,
+            "lr_scaling": self.config.lr_scaling if self.config.num_workers else "none",
+            "base_lr": self.config.lr,
+            "lr": self.config.world_lr,
         }
 
     def close(self) -> None:
@@ -176,23 +197,27 @@ class Trainer:
         self.saliency.remove()
 
 
-def build_trainer(config: TrainConfig, saved_state: dict[str, Any] | None = None) -> Trainer:
+def build_trainer(
+    config: TrainConfig, saved_state: dict[str, Any] | None = None, world: World | None = None
+) -> Trainer:
     """Build and check every part of a run before its first step.
 
     Args:
         config: the validated run options.
         saved_state: the state of a checkpoint being resumed, whose student
             normalisation is reused.
+        world: this process's data-parallel rank; None for a single-process run.
     """
+    world = world or World()
     device = resolve_device(config.device)
     amp_dtype = resolve_amp_dtype(config.amp, device)
     seed_everything(config.seed)
     info = _dataset_info(config.data)
     train_shards = list_shards(config.data, config.train_split)
     val_shards = list_shards(config.val_data, config.val_split) if config.val_data else []
-    steps_per_epoch = resolve_steps_per_epoch(config)
+    steps_per_epoch = resolve_steps_per_epoch(config, world.world_size)
 
-    source = _open_source(config, device)
+    source = _open_source(config, device, world)
     try:
         trainer = _build_with_source(
             config, source, info, saved_state, device, amp_dtype, train_shards, steps_per_epoch
@@ -201,6 +226,13 @@ def build_trainer(config: TrainConfig, saved_state: dict[str, Any] | None = None
         source.close()
         raise
     trainer.val_shards = val_shards
+    trainer.world = world
+    if world.rank:
+        # Same initial weights on every rank, but each rank draws its own dropout, Mixup
+        # and random masks.
+        torch.manual_seed(config.seed + world.rank)
+        np.random.seed(config.seed + world.rank)
+        trainer.generator.manual_seed(config.seed + 1 + world.rank)
     if source.card is not None and not trainer.uses_teacher:
         logger.warning("kd_weight is 0: the teacher is never called")
     return trainer
@@ -226,7 +258,7 @@ def _build_with_source(
     saliency = CLSAttentionSaliency(student)
     task, mixup = _build_task(config, student, source, device)
     optimizer = create_optimizer_v2(
-        vit, opt="adamw", lr=config.lr, weight_decay=config.weight_decay
+        vit, opt="adamw", lr=config.world_lr, weight_decay=config.weight_decay
     )
     trainer = Trainer(
         config=config,
@@ -370,8 +402,12 @@ def resolve_student_kwargs(config: TrainConfig, info: dict[str, Any] | None) -> 
     return kwargs
 
 
-def resolve_steps_per_epoch(config: TrainConfig) -> int:
-    """Return the configured steps per epoch, or train count // batch size from dataset.json."""
+def resolve_steps_per_epoch(config: TrainConfig, world_size: int = 1) -> int:
+    """Return the configured steps per epoch, or the steps one rank's share allows.
+
+    Without `steps_per_epoch`, a rank's share is train count // world_size samples from
+    dataset.json, and an epoch is that share // batch size steps.
+    """
     if config.steps_per_epoch is not None:
         return config.steps_per_epoch
     count = count_samples(config.data, config.train_split)
@@ -380,7 +416,14 @@ def resolve_steps_per_epoch(config: TrainConfig) -> int:
             f"cannot tell the size of {config.data}: WebDataset streams have no length; "
             "pass a folder with dataset.json or set --steps-per-epoch"
         )
-    steps = count // config.batch_size
+    share = count // world_size
+    steps = share // config.batch_size
+    if steps < 1 and world_size > 1:
+        raise ValueError(
+            f"batch size {config.batch_size} exceeds the {share} training samples of each of "
+            f"{world_size} workers, and the last partial batch is dropped; use a smaller "
+            "--batch-size or fewer workers"
+        )
     if steps < 1:
         raise ValueError(
             f"batch size {config.batch_size} exceeds the {count} training samples, and the "
@@ -409,7 +452,7 @@ def _resolve_normalization(
     return mean, std
 
 
-def _open_source(config: TrainConfig, device: torch.device) -> SupervisionSource:
+def _open_source(config: TrainConfig, device: torch.device, world: World) -> SupervisionSource:
     kind = config.source_kind
     targets = {
         "url": config.teacher_url,
@@ -423,12 +466,18 @@ def _open_source(config: TrainConfig, device: torch.device) -> SupervisionSource
         targets[kind],
         device=device,
         token_file=config.token_file,
-        run_id=config.run_name or Path(config.out).name,
+        run_id=run_id_for(config, world),
         ray_address=config.ray_address,
         timeout_s=config.teacher_timeout_s,
     )
     _check_logits_cover_data(source, config)
     return source
+
+
+def run_id_for(config: TrainConfig, world: World) -> str:
+    """Return the run name sent to the teacher: `<run name>/rank<k>` on Ray Train workers."""
+    name = config.run_name or Path(config.out).name
+    return name if config.num_workers is None else f"{name}/rank{world.rank}"
 
 
 def _check_logits_cover_data(source: SupervisionSource, config: TrainConfig) -> None:
