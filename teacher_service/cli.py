@@ -11,7 +11,12 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from teacher_service.serve_cli import _positive_int, add_info_parser, add_serve_parser
+from teacher_service.serve_cli import (
+    _positive_int,
+    add_info_parser,
+    add_runs_parser,
+    add_serve_parser,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this package's subcommands to the `maskedkd` parser."""
     add_serve_parser(subparsers)
     add_info_parser(subparsers)
+    add_runs_parser(subparsers)
     _add_export_teacher(subparsers)
 
 

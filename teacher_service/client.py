@@ -464,6 +464,15 @@ class TeacherClient(_ClientBase):
         )
         return response.content
 
+    def runs(self) -> dict[str, Any]:
+        """Return the service's usage per student run (`GET /v1/runs`)."""
+
+        def fetch(timeout_s: float) -> dict[str, Any]:
+            report: dict[str, Any] = self._send("GET", "/v1/runs", timeout_s).json()
+            return report
+
+        return self._with_retries(fetch, "GET /v1/runs")
+
     def health(self) -> bool:
         """Return whether `GET /v1/ready` succeeds (model loaded and returning logits)."""
         try:

@@ -2,26 +2,36 @@
 
 HTTP API (see docs/protocol.md for the wire format):
 
+    GET  /             status page for operators: model card, runs table, totals
     GET  /v1/health    the replica is alive
     GET  /v1/ready     the model is loaded and runs (a one-patch forward, run once)
     GET  /v1/teacher   JSON model card: grid, classes, normalisation, limits, protocol
+    GET  /v1/runs      JSON usage per student run, over the service's lifetime and the
+                       last minute, summed over every replica
     POST /v1/logits    Arrow IPC request -> Arrow IPC logits
     GET  /metrics      Prometheus text page covering every replica
 
 In-cluster callers skip HTTP and call `infer_arrow(body)` and `model_card()` on the
 application's handle (see `teacher_service.client.RayTeacherClient`).
 
-Batching: `@serve.batch` merges concurrent requests, from any number of students, into one
-engine call. Serve batches calls, not images, so the batch limit is counted in images with
-`batch_size_fn`: a batch closes when adding the next request would pass
-`max_batch_images`, or when `batch_wait_ms` has passed since its first request. One request
-may hold at most `max_images_per_request` (<= `max_batch_images`) images, so every
-request fits in a batch. Inside a batch, rows of all requests are grouped by kept count and
-pixel type, one engine forward per group, and each request gets its rows back in order.
+Batching: each replica queues admitted requests per student run (`run_id`) and merges them
+into engine batches of up to `max_batch_images` images, the runs taking turns by images, so
+a run that sends large requests cannot starve one that sends small ones.
+`teacher_service.batching` states the policy. A batch closes when it is full or
+`batch_wait_ms` after its oldest request arrived. One request may hold at most
+`max_images_per_request` (<= `max_batch_images`) images, so every request fits in a batch.
+Inside a batch, rows of all requests are grouped by kept count and pixel type, one engine
+forward per group, and each request gets its rows back in order.
 
-Overload: each replica admits at most `max_images_in_flight` images at a time (admitted and
-not yet returned). Past that it returns 503 with a Retry-After header instead of queueing
-without bound, and the client SDK retries with backoff.
+Overload: each replica admits at most `max_run_images_in_flight` images per run and
+`max_images_in_flight` images in all (admitted and not yet returned). Past the run limit it
+returns 429, past the replica limit 503, both with a Retry-After header, instead of
+queueing without bound. The client SDK retries both with backoff. A client could spread
+its requests over many run ids to pass the run limit, but the replica limit still holds.
+
+Authentication: with a token file, every route except /v1/health and /v1/ready requires
+`Authorization: Bearer <token>`, the status page included, because it shows run names and
+usage. The page never contains the token.
 
 A Serve config can build the application with
 `import_path: teacher_service.deployment:build_app` and `args:` holding `ServiceConfig`
@@ -45,13 +55,13 @@ from typing import Any, cast
 import numpy as np
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from ray import serve
 from ray.serve.deployment import Deployment
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from teacher_service.batching import run_requests
+from teacher_service.batching import FairBatcher, run_requests
 from teacher_service.engine import MaskedTeacher
 from teacher_service.metrics import MetricsStore, ReplicaMetrics
 from teacher_service.patches import PatchGrid
@@ -66,9 +76,11 @@ from teacher_service.protocol import (
     encode_response,
 )
 from teacher_service.service_config import ServiceConfig, read_token_digest
+from teacher_service.status_page import render_status_page
 
 logger = logging.getLogger(__name__)
 
+STATUS_REFRESH_S = 5
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -88,6 +100,10 @@ class _Work:
 
 def _batch_images(items: list[_Work]) -> int:
     return sum(item.request.num_images for item in items)
+
+
+def _run_key(run_id: str | None) -> str:
+    return run_id or ""
 
 
 def _error_response(error: ProtocolError) -> JSONResponse:
@@ -162,6 +178,10 @@ class MetricsCollector:
         """Return the Prometheus text page over all replicas."""
         return self._store.render(time.monotonic())
 
+    async def runs(self) -> dict[str, Any]:
+        """Return the per-run usage report over all replicas (the body of GET /v1/runs)."""
+        return self._store.runs(time.monotonic())
+
 
 @serve.deployment
 @serve.ingress(api)
@@ -199,6 +219,8 @@ class TeacherDeployment:
         self._metrics = ReplicaMetrics(max_run_ids=self.config.max_run_ids)
         self._images_in_flight = 0
         self._max_images_in_flight = self.config.images_in_flight_limit
+        self._run_images_in_flight: dict[str, int] = {}
+        self._max_run_images_in_flight = self.config.run_images_in_flight_limit
         self._max_images_per_request = self.config.images_per_request_limit
         self._ready = False
         self._rejection_log = _RejectionLog(self._replica_id)
@@ -208,9 +230,11 @@ class TeacherDeployment:
         self._engine_thread = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="teacher-engine"
         )
-        batch_method: Any = self._run_batch
-        batch_method.set_max_batch_size(self.config.max_batch_images)
-        batch_method.set_batch_wait_timeout_s(self.config.batch_wait_ms / 1000.0)
+        self._batcher: FairBatcher[_Work, np.ndarray | ProtocolError] = FairBatcher(
+            self._run_batch,
+            max_batch_images=self.config.max_batch_images,
+            batch_wait_s=self.config.batch_wait_ms / 1000.0,
+        )
         self._card = self._build_card()
         spec = self.engine.spec
         logger.info(
@@ -247,6 +271,7 @@ class TeacherDeployment:
             "logits_dtypes": list(LOGITS_DTYPES),
             "max_images_per_request": self.config.max_images_per_request,
             "max_batch_images": self.config.max_batch_images,
+            "max_run_images_in_flight": self.config.run_images_in_flight_limit,
             "max_body_bytes": self.config.max_body_bytes,
             "protocol_version": PROTOCOL_VERSION,
             "digest": spec.digest,
@@ -292,11 +317,12 @@ class TeacherDeployment:
             self._authorize(request)
             self._check_content_type(request)
             body = await self._read_body(request)
+            start_s = time.monotonic()
             decoded = await asyncio.to_thread(
                 decode_request, body, self.grid, max_images=self._max_images_per_request
             )
             run_id = decoded.run_id
-            payload = await self._infer(decoded, len(body), transport="http")
+            payload = await self._infer(decoded, len(body), transport="http", start_s=start_s)
         except ProtocolError as error:
             return self._reject(error, run_id)
         except Exception as err:  # a bug or a device failure: return 500, keep serving
@@ -312,24 +338,29 @@ class TeacherDeployment:
             self._authorize(request)
         except ProtocolError as error:
             return self._reject(error, None)
-        self._ensure_flush_task()
-        snapshot = self._metrics.snapshot()
-        text = None
-        if self._collector is not None:
-            try:
-                await self._collector.push.remote(self._replica_id, snapshot)
-                text = await self._collector.render.remote()
-            except Exception as err:  # serve this replica's numbers rather than nothing
-                logger.warning(
-                    "metrics collector unavailable (%s); /metrics shows replica %s only",
-                    err,
-                    self._replica_id,
-                )
+        text = await self._from_collector("render")
         if text is None:
-            store = MetricsStore()
-            store.update(self._replica_id, snapshot, 0.0)
-            text = store.render(0.0)
+            text = self._local_store().render(0.0)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    @api.get("/v1/runs")
+    async def runs(self, request: Request) -> Response:
+        """Return usage per student run over every replica, as JSON."""
+        try:
+            self._authorize(request)
+        except ProtocolError as error:
+            return self._reject(error, None)
+        return JSONResponse(await self._runs_report())
+
+    @api.get("/")
+    async def status_page(self, request: Request) -> Response:
+        """Return the operators' HTML status page: model card, runs and totals."""
+        try:
+            self._authorize(request)
+        except ProtocolError as error:
+            return self._reject(error, None)
+        page = render_status_page(self._card, await self._runs_report(), STATUS_REFRESH_S)
+        return HTMLResponse(page)
 
     # -- Handle methods (in-cluster callers) ----------------------------------------------
 
@@ -347,11 +378,12 @@ class TeacherDeployment:
         try:
             if len(body) > self.config.max_body_bytes:
                 raise self._too_large(len(body))
+            start_s = time.monotonic()
             decoded = await asyncio.to_thread(
                 decode_request, body, self.grid, max_images=self._max_images_per_request
             )
             run_id = decoded.run_id
-            payload = await self._infer(decoded, len(body), transport="handle")
+            payload = await self._infer(decoded, len(body), transport="handle", start_s=start_s)
         except ProtocolError as error:
             self._record_rejection(error, run_id)
             return {
@@ -438,26 +470,21 @@ class TeacherDeployment:
         self._metrics.record_error(status=error.status, code=error.code, run_id=run_id)
         self._rejection_log.log(error, run_id)
 
-    async def _infer(self, decoded: DecodedRequest, body_bytes: int, *, transport: str) -> bytes:
+    async def _infer(
+        self, decoded: DecodedRequest, body_bytes: int, *, transport: str, start_s: float
+    ) -> bytes:
         self._ensure_flush_task()
         num_images = decoded.num_images
-        limit = self._max_images_in_flight
-        if self._images_in_flight + num_images > limit:
-            raise ProtocolError(
-                503,
-                "overloaded",
-                f"replica has {self._images_in_flight} images in flight and admits at most "
-                f"{limit}; retry after {self.config.retry_after_s:g} s",
-                retry_after_s=self.config.retry_after_s,
-            )
-        self._images_in_flight += num_images
-        self._metrics.set_images_in_flight(self._images_in_flight)
+        run_key = _run_key(decoded.run_id)
+        self._admit(run_key, num_images)
+        self._add_in_flight(run_key, decoded.run_id, num_images)
         try:
-            # serve.batch hands each caller its own element: logits, or an error to raise.
-            result = await self._run_batch(_Work(decoded, time.monotonic()))
+            # The batcher returns this request's logits, or an error to raise.
+            result = await self._batcher.submit(
+                run_key, _Work(decoded, time.monotonic()), num_images
+            )
         finally:
-            self._images_in_flight -= num_images
-            self._metrics.set_images_in_flight(self._images_in_flight)
+            self._add_in_flight(run_key, decoded.run_id, -num_images)
         if isinstance(result, ProtocolError):
             raise result
         logits = result
@@ -480,16 +507,45 @@ class TeacherDeployment:
             macs_spent=macs_spent,
             macs_saved=macs_saved,
             body_bytes=body_bytes,
+            latency_s=time.monotonic() - start_s,
         )
         return payload
 
-    @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.005, batch_size_fn=_batch_images)
-    async def _run_batch(self, items: list[_Work]) -> list[np.ndarray | ProtocolError]:
-        """Run one engine batch over several requests and return logits or an error for each.
+    def _admit(self, run_key: str, num_images: int) -> None:
+        """Raise 429 past the run's image limit, 503 past the replica's."""
+        run_in_flight = self._run_images_in_flight.get(run_key, 0)
+        run_limit = self._max_run_images_in_flight
+        retry_after_s = self.config.retry_after_s
+        if run_in_flight + num_images > run_limit:
+            raise ProtocolError(
+                429,
+                "run_overloaded",
+                f"run {run_key!r} has {run_in_flight} images in flight on this replica and "
+                f"may have at most {run_limit}; retry after {retry_after_s:g} s, or send "
+                "fewer requests at once",
+                retry_after_s=retry_after_s,
+            )
+        if self._images_in_flight + num_images > self._max_images_in_flight:
+            raise ProtocolError(
+                503,
+                "overloaded",
+                f"replica has {self._images_in_flight} images in flight and admits at most "
+                f"{self._max_images_in_flight}; retry after {retry_after_s:g} s",
+                retry_after_s=retry_after_s,
+            )
 
-        The decorator's limits are placeholders. The constructor sets the configured ones
-        with `set_max_batch_size` and `set_batch_wait_timeout_s`.
-        """
+    def _add_in_flight(self, run_key: str, run_id: str | None, images: int) -> None:
+        self._images_in_flight += images
+        count = self._run_images_in_flight.get(run_key, 0) + images
+        if count:
+            self._run_images_in_flight[run_key] = count
+        else:
+            del self._run_images_in_flight[run_key]
+        self._metrics.set_images_in_flight(self._images_in_flight)
+        self._metrics.add_run_images_in_flight(run_id, images)
+
+    async def _run_batch(self, items: list[_Work]) -> list[np.ndarray | ProtocolError]:
+        """Run one engine batch over several requests and return logits or an error for each."""
         start_s = time.monotonic()
         for item in items:
             self._metrics.record_queue_wait(start_s - item.admitted_s)
@@ -515,6 +571,38 @@ class TeacherDeployment:
             raise RuntimeError("the teacher returned non-finite logits for a blank patch")
 
     # -- Metrics ---------------------------------------------------------------------------
+
+    async def _runs_report(self) -> dict[str, Any]:
+        report = await self._from_collector("runs")
+        if report is None:
+            report = self._local_store().runs(0.0)
+        return cast(dict[str, Any], report)
+
+    def _local_store(self) -> MetricsStore:
+        store = MetricsStore()
+        store.update(self._replica_id, self._metrics.snapshot(), 0.0)
+        return store
+
+    async def _from_collector(self, method: str) -> Any:
+        """Push this replica's snapshot, then call `method` on the collector.
+
+        Returns None when there is no collector or it failed, so the caller can fall back
+        to this replica's own numbers.
+        """
+        self._ensure_flush_task()
+        if self._collector is None:
+            return None
+        try:
+            await self._collector.push.remote(self._replica_id, self._metrics.snapshot())
+            return await getattr(self._collector, method).remote()
+        except Exception as err:  # serve this replica's numbers rather than nothing
+            logger.warning(
+                "metrics collector unavailable (%s); %s shows replica %s only",
+                err,
+                method,
+                self._replica_id,
+            )
+            return None
 
     def _ensure_flush_task(self) -> None:
         if self._collector is not None and self._flush_task is None:
@@ -546,10 +634,14 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         name="TeacherDeployment",
         # Fail fast on a missing or broken checkpoint instead of retrying the constructor.
         max_constructor_retry_count=3,
-        num_replicas=config.num_replicas,
         ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
         max_ongoing_requests=config.ongoing_requests_limit,
         max_queued_requests=config.max_queued_requests,
     )
+    autoscaling = config.autoscaling_config()
+    if autoscaling is None:
+        teacher = teacher.options(num_replicas=config.num_replicas or 1)
+    else:
+        teacher = teacher.options(autoscaling_config=autoscaling)
     collector_app = collector.bind(stale_s=max(30.0, 5 * config.metrics_flush_s))
     return teacher.bind(dataclasses.asdict(config), token_digest, collector_app)

@@ -8,16 +8,26 @@ replica: counters and histograms are summed over all replicas that ever reported
 stopped replica keeps its final counts, so totals never go down), and gauges are summed
 over replicas that reported recently.
 
+Per-run usage for `GET /v1/runs` comes from the same snapshots (see
+`teacher_service.run_usage`).
+
 This module has no Ray dependency, so it can be tested and reused on its own.
 """
 
 from __future__ import annotations
 
-import bisect
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from teacher_service.run_usage import (
+    LATENCY_BUCKETS,
+    Histogram,
+    RecentWindow,
+    add_histogram,
+    runs_report,
+)
 
 # Label values that a client controls (run_id) are capped per replica, so a client that
 # sends a fresh run_id per request cannot grow the page without bound.
@@ -89,6 +99,13 @@ FAMILIES: tuple[MetricFamily, ...] = (
         ("status", "code", "run_id"),
     ),
     MetricFamily(
+        "maskedkd_teacher_request_seconds",
+        "histogram",
+        "Time from a request's admission to its encoded response, by student run.",
+        ("run_id",),
+        LATENCY_BUCKETS,
+    ),
+    MetricFamily(
         "maskedkd_teacher_batch_images",
         "histogram",
         "Images per engine batch.",
@@ -128,22 +145,6 @@ _FAMILIES_BY_NAME = {family.name: family for family in FAMILIES}
 LabelKey = tuple[str, ...]
 
 
-class _Histogram:
-    def __init__(self, buckets: Sequence[float]) -> None:
-        self.buckets = tuple(buckets)
-        self.counts = [0] * (len(self.buckets) + 1)  # last slot: above the largest bucket
-        self.total = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.total += value
-        self.count += 1
-
-    def to_json(self) -> dict[str, Any]:
-        return {"counts": list(self.counts), "sum": self.total, "count": self.count}
-
-
 class ReplicaMetrics:
     """Counters, histograms and gauges of one replica, updated from its event loop.
 
@@ -151,18 +152,29 @@ class ReplicaMetrics:
         max_run_ids: distinct run_id label values kept; later ones count as "_other".
     """
 
-    def __init__(self, max_run_ids: int = DEFAULT_MAX_RUN_IDS) -> None:
+    def __init__(
+        self, max_run_ids: int = DEFAULT_MAX_RUN_IDS, recent: RecentWindow | None = None
+    ) -> None:
         self.max_run_ids = max_run_ids
         self._run_ids: set[str] = set()
         self._counters: dict[str, dict[LabelKey, float]] = {
             family.name: {} for family in FAMILIES if family.kind == "counter"
         }
         self._histograms = {
-            family.name: _Histogram(family.buckets)
+            family.name: Histogram(family.buckets)
             for family in FAMILIES
-            if family.kind == "histogram"
+            if family.kind == "histogram" and not family.labels
+        }
+        self._labeled_histograms: dict[str, dict[LabelKey, Histogram]] = {
+            family.name: {} for family in FAMILIES if family.kind == "histogram" and family.labels
         }
         self._gauges: dict[str, float] = {"maskedkd_teacher_images_in_flight": 0.0}
+        self._recent = recent if recent is not None else RecentWindow()
+        self._run_images_in_flight: dict[str, int] = {}
+
+    def run_label(self, run_id: str | None) -> str:
+        """Return the label that `run_id` is counted under: itself, or "_other" past the cap."""
+        return self._run_label(run_id)
 
     def _run_label(self, run_id: str | None) -> str:
         label = run_id or ""
@@ -188,9 +200,24 @@ class ReplicaMetrics:
         macs_spent: int,
         macs_saved: int,
         body_bytes: int,
+        latency_s: float | None = None,
     ) -> None:
-        """Count one request that returned logits."""
+        """Count one request that returned logits, and its latency in seconds if given."""
         run = self._run_label(run_id)
+        if latency_s is not None:
+            series = self._labeled_histograms["maskedkd_teacher_request_seconds"]
+            if (run,) not in series:
+                series[(run,)] = Histogram(LATENCY_BUCKETS)
+            series[(run,)].observe(latency_s)
+        self._recent.add(
+            run,
+            latency_s,
+            requests=1,
+            images=images,
+            patches_kept=patches_kept,
+            macs_spent=macs_spent,
+            macs_saved=macs_saved,
+        )
         self._add("maskedkd_teacher_requests_total", (run, transport), 1)
         self._add("maskedkd_teacher_images_total", (run,), images)
         self._add("maskedkd_teacher_patches_kept_total", (run,), patches_kept)
@@ -201,8 +228,9 @@ class ReplicaMetrics:
 
     def record_error(self, *, status: int, code: str, run_id: str | None) -> None:
         """Count one rejected or failed request."""
-        labels = (str(status), code, self._run_label(run_id))
-        self._add("maskedkd_teacher_errors_total", labels, 1)
+        run = self._run_label(run_id)
+        self._add("maskedkd_teacher_errors_total", (str(status), code, run), 1)
+        self._recent.add(run, errors=1)
 
     def record_batch(self, *, requests: int, images: int, compute_s: float) -> None:
         """Record the size and engine time of one batch."""
@@ -218,6 +246,15 @@ class ReplicaMetrics:
         """Set the number of images admitted and not yet returned."""
         self._gauges["maskedkd_teacher_images_in_flight"] = float(images)
 
+    def add_run_images_in_flight(self, run_id: str | None, images: int) -> None:
+        """Add `images` (negative to remove) to the images in flight of run `run_id`."""
+        run = self._run_label(run_id)
+        count = self._run_images_in_flight.get(run, 0) + images
+        if count:
+            self._run_images_in_flight[run] = count
+        else:
+            self._run_images_in_flight.pop(run, None)
+
     def snapshot(self) -> dict[str, Any]:
         """Return the cumulative state as JSON-compatible data."""
         return {
@@ -226,7 +263,14 @@ class ReplicaMetrics:
                 for name, series in self._counters.items()
             },
             "histograms": {name: hist.to_json() for name, hist in self._histograms.items()},
+            "labeled_histograms": {
+                name: [[list(labels), hist.to_json()] for labels, hist in series.items()]
+                for name, series in self._labeled_histograms.items()
+            },
             "gauges": dict(self._gauges),
+            # Per-run figures for /v1/runs that are not cumulative.
+            "recent": self._recent.summary(),
+            "run_images_in_flight": dict(self._run_images_in_flight),
         }
 
 
@@ -259,11 +303,22 @@ class MetricsStore:
         merged["gauges"] = gauges
         return render_prometheus(merged)
 
+    def runs(self, now_s: float) -> dict[str, Any]:
+        """Return the `GET /v1/runs` report over all replicas."""
+        fresh = [
+            snapshot
+            for seen_s, snapshot in self._snapshots.values()
+            if now_s - seen_s <= self.stale_s
+        ]
+        merged = merge_snapshots([snapshot for _, snapshot in self._snapshots.values()])
+        return runs_report(merged, fresh)
+
 
 def merge_snapshots(snapshots: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """Sum counters, histograms and gauges of several snapshots."""
     counters: dict[str, dict[LabelKey, float]] = {}
     histograms: dict[str, dict[str, Any]] = {}
+    labeled: dict[str, dict[LabelKey, dict[str, Any]]] = {}
     gauges: dict[str, float] = {}
     for snapshot in snapshots:
         for name, series in snapshot.get("counters", {}).items():
@@ -272,19 +327,11 @@ def merge_snapshots(snapshots: Iterable[dict[str, Any]]) -> dict[str, Any]:
                 key = tuple(labels)
                 merged_series[key] = merged_series.get(key, 0.0) + float(value)
         for name, hist in snapshot.get("histograms", {}).items():
-            if name not in histograms:
-                histograms[name] = {
-                    "counts": list(hist["counts"]),
-                    "sum": float(hist["sum"]),
-                    "count": int(hist["count"]),
-                }
-                continue
-            target = histograms[name]
-            target["counts"] = [
-                a + b for a, b in zip(target["counts"], hist["counts"], strict=True)
-            ]
-            target["sum"] += float(hist["sum"])
-            target["count"] += int(hist["count"])
+            _merge_histogram(histograms, name, hist)
+        for name, series in snapshot.get("labeled_histograms", {}).items():
+            merged_hists = labeled.setdefault(name, {})
+            for labels, hist in series:
+                _merge_histogram(merged_hists, tuple(labels), hist)
         for name, value in snapshot.get("gauges", {}).items():
             gauges[name] = gauges.get(name, 0.0) + float(value)
     return {
@@ -293,8 +340,23 @@ def merge_snapshots(snapshots: Iterable[dict[str, Any]]) -> dict[str, Any]:
             for name, series in counters.items()
         },
         "histograms": histograms,
+        "labeled_histograms": {
+            name: [[list(labels), hist] for labels, hist in series.items()]
+            for name, series in labeled.items()
+        },
         "gauges": gauges,
     }
+
+
+def _merge_histogram(target: dict[Any, dict[str, Any]], key: Any, hist: dict[str, Any]) -> None:
+    if key not in target:
+        target[key] = {
+            "counts": list(hist["counts"]),
+            "sum": float(hist["sum"]),
+            "count": int(hist["count"]),
+        }
+    else:
+        add_histogram(target[key], hist)
 
 
 def _escape_label(value: str) -> str:
@@ -332,22 +394,34 @@ def render_prometheus(snapshot: dict[str, Any]) -> str:
         elif family.kind == "gauge":
             value = snapshot.get("gauges", {}).get(family.name, 0.0)
             lines.append(f"{family.name} {_format_value(value)}")
+        elif family.labels:
+            series = snapshot.get("labeled_histograms", {}).get(family.name, [])
+            for labels, hist in sorted(series, key=lambda item: list(item[0])):
+                lines.extend(_render_histogram(family, hist, labels))
         else:
-            lines.extend(_render_histogram(family, snapshot.get("histograms", {})))
+            hist = snapshot.get("histograms", {}).get(family.name)
+            lines.extend(_render_histogram(family, hist, ()))
     return "\n".join(lines) + "\n"
 
 
-def _render_histogram(family: MetricFamily, histograms: dict[str, Any]) -> list[str]:
-    hist = histograms.get(family.name)
+def _render_histogram(
+    family: MetricFamily, hist: dict[str, Any] | None, labels: Sequence[str]
+) -> list[str]:
     counts = hist["counts"] if hist else [0] * (len(family.buckets) + 1)
+    label_pairs = [
+        f'{name}="{_escape_label(str(value))}"'
+        for name, value in zip(family.labels, labels, strict=True)
+    ]
+    plain = "{" + ",".join(label_pairs) + "}" if label_pairs else ""
     lines = []
     cumulative = 0
     for bound, count in zip((*family.buckets, math.inf), counts, strict=True):
         cumulative += count
         le = "+Inf" if math.isinf(bound) else _format_value(float(bound))
-        lines.append(f'{family.name}_bucket{{le="{le}"}} {cumulative}')
-    lines.append(f"{family.name}_sum {_format_value(float(hist['sum']) if hist else 0.0)}")
-    lines.append(f"{family.name}_count {int(hist['count']) if hist else 0}")
+        bucket_labels = ",".join([*label_pairs, f'le="{le}"'])
+        lines.append(f"{family.name}_bucket{{{bucket_labels}}} {cumulative}")
+    lines.append(f"{family.name}_sum{plain} {_format_value(float(hist['sum']) if hist else 0.0)}")
+    lines.append(f"{family.name}_count{plain} {int(hist['count']) if hist else 0}")
     return lines
 
 

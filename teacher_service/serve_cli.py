@@ -1,17 +1,19 @@
-"""`maskedkd serve` and `maskedkd info`.
+"""`maskedkd serve`, `maskedkd info` and `maskedkd runs`.
 
 `serve` starts a local Ray (no dashboard) unless `--address` names a running cluster,
 deploys the teacher application, logs its URL, and serves until SIGINT or SIGTERM.
-`info` prints a running service's model card.
+`info` prints a running service's model card, `runs` its usage per student run.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import os
 import signal
+import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +64,9 @@ class ServeCommandConfig:
             device=args.device,
             amp=args.amp,
             num_replicas=args.replicas,
+            min_replicas=args.min_replicas,
+            max_replicas=args.max_replicas,
+            target_ongoing_requests=args.target_ongoing_requests,
             num_gpus=args.num_gpus,
             num_cpus=args.num_cpus,
             torch_threads=args.torch_threads,
@@ -69,6 +74,7 @@ class ServeCommandConfig:
             batch_wait_ms=args.batch_wait_ms,
             max_images_per_request=args.max_images_per_request,
             max_images_in_flight=args.max_images_in_flight,
+            max_run_images_in_flight=args.max_run_images_in_flight,
             max_body_bytes=int(args.max_body_mib * MIB),
             token_file=args.token_file,
         )
@@ -91,6 +97,38 @@ def _check_teacher_source(teacher: str) -> None:
         raise ValueError(f"teacher checkpoint {teacher!r} not found; check the path")
 
 
+def is_loopback_host(host: str) -> bool:
+    """Return whether `host` (an address or a name) is a loopback address."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        resolved = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(resolved) and all(ipaddress.ip_address(info[4][0]).is_loopback for info in resolved)
+
+
+def warn_if_open(host: str, token_file: str | None) -> bool:
+    """Log a warning when the service listens beyond this machine without a token.
+
+    Returns:
+        Whether the warning was logged.
+    """
+    if token_file is not None or is_loopback_host(host):
+        return False
+    logger.warning(
+        "the service listens on %s without a bearer token, so anyone who can reach this "
+        "port can use the teacher and read its run names; pass --token-file FILE, or "
+        "--host 127.0.0.1 to serve this machine only",
+        host,
+    )
+    return True
+
+
 def serve_teacher(config: ServeCommandConfig) -> int:
     """Deploy the teacher application and serve until SIGINT or SIGTERM.
 
@@ -111,6 +149,7 @@ def serve_teacher(config: ServeCommandConfig) -> int:
     from teacher_service.deployment import build_app
 
     local = config.address is None
+    warn_if_open(config.host, config.service.token_file)
     try:
         if local:
             logger.info("starting a local Ray with %s CPUs", config.ray_num_cpus or "all")
@@ -154,7 +193,7 @@ def serve_teacher(config: ServeCommandConfig) -> int:
         where = f"route prefix {config.route_prefix} of the cluster's Serve HTTP proxy"
     logger.info(
         "teacher service ready at %s (app %r): %s, %dx%d px, %dx%d patches of %dx%d px, "
-        "%d classes, %d replica(s)",
+        "%d classes, %s",
         where,
         config.app_name,
         card["arch"],
@@ -162,7 +201,7 @@ def serve_teacher(config: ServeCommandConfig) -> int:
         *card["grid_size"],
         *card["patch_size"],
         card["num_classes"],
-        config.service.num_replicas,
+        config.service.replicas_description,
     )
     if config.detach:
         logger.info("leaving %r running on the cluster", config.app_name)
@@ -223,25 +262,74 @@ def show_info(config: InfoCommandConfig) -> int:
     Returns:
         0 on success, 1 when the service could not be reached or rejected the request.
     """
-    from teacher_service.client import TeacherClient, TeacherServiceError
-
-    token = None
-    if config.token_file is not None:
-        try:
-            token = Path(config.token_file).read_text(encoding="utf-8").splitlines()[0].strip()
-        except (OSError, IndexError) as error:
-            logger.error("info: cannot read a token from %s: %s", config.token_file, error)
-            return 1
-    try:
-        with TeacherClient(
-            config.url, token=token, timeout_s=config.timeout_s, retries=1
-        ) as client:
-            card = client.info()
-    except TeacherServiceError as error:
-        logger.error("info: %s", error)
+    card = _fetch("info", config.url, config.token_file, config.timeout_s)
+    if card is None:
         return 1
     print(json.dumps(card, indent=2))
     return 0
+
+
+def _fetch(
+    command: str, url: str, token_file: str | None, timeout_s: float
+) -> dict[str, Any] | None:
+    """Return the model card ("info") or the runs report ("runs"), or None after logging why not."""
+    from teacher_service.client import TeacherClient, TeacherServiceError
+
+    try:
+        token = _read_token(token_file)
+        with TeacherClient(url, token=token, timeout_s=timeout_s, retries=1) as client:
+            return client.info() if command == "info" else client.runs()
+    except (ValueError, TeacherServiceError) as error:
+        logger.error("%s: %s", command, error)
+        return None
+
+
+@dataclass
+class RunsCommandConfig:
+    """Settings of `maskedkd runs`.
+
+    Attributes:
+        url: base URL of the service.
+        token_file: file whose first line is the bearer token, or None.
+        timeout_s: timeout of the request, in seconds.
+        as_json: print the report as JSON instead of a table.
+    """
+
+    url: str
+    token_file: str | None = None
+    timeout_s: float = 10.0
+    as_json: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> RunsCommandConfig:
+        """Build the config from parsed `runs` arguments."""
+        return cls(
+            url=args.url, token_file=args.token_file, timeout_s=args.timeout_s, as_json=args.json
+        )
+
+
+def show_runs(config: RunsCommandConfig) -> int:
+    """Print a running service's usage per student run (`GET /v1/runs`).
+
+    Returns:
+        0 on success, 1 when the service could not be reached or rejected the request.
+    """
+    from teacher_service.status_page import format_runs_table
+
+    report = _fetch("runs", config.url, config.token_file, config.timeout_s)
+    if report is None:
+        return 1
+    print(json.dumps(report, indent=2) if config.as_json else format_runs_table(report).rstrip())
+    return 0
+
+
+def _read_token(token_file: str | None) -> str | None:
+    if token_file is None:
+        return None
+    try:
+        return Path(token_file).read_text(encoding="utf-8").splitlines()[0].strip()
+    except (OSError, IndexError) as error:
+        raise ValueError(f"cannot read a token from {token_file}: {error}") from None
 
 
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -273,7 +361,33 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     parser.add_argument(
-        "--replicas", type=_positive_int, default=1, help="number of teacher replicas (default: 1)"
+        "--replicas",
+        type=_positive_int,
+        default=None,
+        help="fixed number of teacher replicas; not with the autoscaling options (default: 1)",
+    )
+    parser.add_argument(
+        "--min-replicas",
+        type=_non_negative_int,
+        default=None,
+        metavar="N",
+        help="autoscale: fewest replicas, 0 to stop all when idle; needs --max-replicas "
+        "(default: 1)",
+    )
+    parser.add_argument(
+        "--max-replicas",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="autoscale between --min-replicas and this many replicas (default: no autoscaling)",
+    )
+    parser.add_argument(
+        "--target-ongoing-requests",
+        type=_positive_float,
+        default=None,
+        metavar="R",
+        help="autoscale: requests in progress per replica that Serve aims for; about the "
+        "number of students per replica; needs --max-replicas (default: Serve's)",
     )
     parser.add_argument(
         "--num-gpus",
@@ -341,6 +455,15 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         "Retry-After (default: 4 x --max-batch-images)",
     )
     parser.add_argument(
+        "--max-run-images-in-flight",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="maximum images one student run (run_id) may have admitted on a replica at once; "
+        "past it, its requests get 429 with Retry-After (default: the smaller of 2 x "
+        "--max-batch-images and --max-images-in-flight)",
+    )
+    parser.add_argument(
         "--max-body-mib",
         type=float,
         default=DEFAULT_MAX_BODY_BYTES / MIB,
@@ -390,6 +513,27 @@ def add_info_parser(subparsers: argparse._SubParsersAction) -> None:
         help="print a running teacher service's model card",
         description="Fetch GET /v1/teacher from a running service and print it as JSON.",
     )
+    _add_client_options(parser)
+    parser.set_defaults(func=_run_info)
+
+
+def add_runs_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `runs` subcommand."""
+    parser = subparsers.add_parser(
+        "runs",
+        help="print a running teacher service's usage per student run",
+        description=(
+            "Fetch GET /v1/runs from a running service and print, per student run, requests, "
+            "images, patches kept, teacher compute spent and saved, errors and latency "
+            "percentiles, over the service's lifetime and the last minute."
+        ),
+    )
+    _add_client_options(parser)
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.set_defaults(func=_run_runs)
+
+
+def _add_client_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--url", required=True, help="base URL of the service, e.g. http://127.0.0.1:8000"
     )
@@ -399,7 +543,10 @@ def add_info_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--timeout-s", type=float, default=10.0, help="request timeout in seconds (default: 10)"
     )
-    parser.set_defaults(func=_run_info)
+
+
+def _run_runs(args: argparse.Namespace) -> int:
+    return show_runs(RunsCommandConfig.from_args(args))
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -416,10 +563,28 @@ def _run_info(args: argparse.Namespace) -> int:
 
 
 def _positive_int(text: str) -> int:
+    return _int_at_least(text, 1)
+
+
+def _non_negative_int(text: str) -> int:
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} must be a positive finite number")
     return value

@@ -29,7 +29,14 @@ class ServiceConfig:
         device: "auto" (CUDA when the replica has a GPU, else CPU), "cpu", "cuda" or
             "cuda:N".
         amp: autocast dtype on CUDA: "none" (float32), "bf16" or "fp16".
-        num_replicas: number of replicas.
+        num_replicas: fixed number of replicas; None means 1 without autoscaling. Not
+            allowed together with the autoscaling fields.
+        min_replicas: with autoscaling, the fewest replicas (0 lets Serve stop them all
+            when idle); None means 1.
+        max_replicas: with autoscaling, the most replicas. Setting it, or min_replicas or
+            target_ongoing_requests, turns autoscaling on, and then it is required.
+        target_ongoing_requests: with autoscaling, the requests in progress per replica
+            that Serve's autoscaler aims for; None keeps Serve's default.
         num_gpus: GPUs per replica (fractions share a GPU).
         num_cpus: CPUs per replica. Ray sets OMP_NUM_THREADS, and so torch's CPU threads,
             to this (1 when it is below 1).
@@ -41,6 +48,9 @@ class ServiceConfig:
             max_batch_images.
         max_images_in_flight: maximum images a replica admits at once, past which it returns 503;
             None means 4 * max_batch_images.
+        max_run_images_in_flight: maximum images one run (one `run_id`) may have admitted on
+            a replica at once, past which its requests get 429; None means the smaller of
+            2 * max_batch_images and max_images_in_flight.
         max_ongoing_requests: concurrent requests Serve routes to one replica; None means
             2 * max_batch_images, enough for a batch of one-image requests to fill while
             the previous batch computes.
@@ -59,7 +69,10 @@ class ServiceConfig:
     model_kwargs: dict[str, Any] | None = None
     device: str = "auto"
     amp: str = "none"
-    num_replicas: int = 1
+    num_replicas: int | None = None
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+    target_ongoing_requests: float | None = None
     num_gpus: float = 0.0
     num_cpus: float = 1.0
     torch_threads: int | None = None
@@ -67,6 +80,7 @@ class ServiceConfig:
     batch_wait_ms: float = 5.0
     max_images_per_request: int | None = None
     max_images_in_flight: int | None = None
+    max_run_images_in_flight: int | None = None
     max_ongoing_requests: int | None = None
     max_queued_requests: int = -1
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
@@ -78,7 +92,7 @@ class ServiceConfig:
     def __post_init__(self) -> None:
         if self.amp not in AMP_CHOICES:
             raise ValueError(f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
-        for name in ("num_replicas", "max_batch_images", "max_body_bytes", "max_run_ids"):
+        for name in ("max_batch_images", "max_body_bytes", "max_run_ids"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.batch_wait_ms < 0 or self.num_gpus < 0 or self.num_cpus < 0:
@@ -104,8 +118,83 @@ class ServiceConfig:
                 f"max_images_per_request {self.max_images_per_request}; no full-size request "
                 "could ever be admitted"
             )
+        self._check_run_limit()
         if self.max_ongoing_requests is None:
             self.max_ongoing_requests = 2 * self.max_batch_images
+        self._check_replicas()
+
+    def _check_run_limit(self) -> None:
+        in_flight = self.images_in_flight_limit
+        if self.max_run_images_in_flight is None:
+            self.max_run_images_in_flight = min(2 * self.max_batch_images, in_flight)
+        if not self.images_per_request_limit <= self.max_run_images_in_flight <= in_flight:
+            raise ValueError(
+                f"max_run_images_in_flight {self.max_run_images_in_flight} must be in "
+                f"max_images_per_request..max_images_in_flight ({self.images_per_request_limit}"
+                f"..{in_flight}): below, no full-size request could be admitted; above, the "
+                "replica limit applies first"
+            )
+
+    def _check_replicas(self) -> None:
+        if self.num_replicas is not None and self.num_replicas < 1:
+            raise ValueError(f"num_replicas must be at least 1, got {self.num_replicas}")
+        if not self.autoscaling:
+            return
+        if self.num_replicas is not None:
+            raise ValueError(
+                f"num_replicas {self.num_replicas} fixes the replica count, so it cannot be "
+                "combined with min_replicas, max_replicas or target_ongoing_requests; set "
+                "either the fixed count or the autoscaling bounds"
+            )
+        if self.max_replicas is None:
+            raise ValueError(
+                "autoscaling needs max_replicas: set it along with min_replicas or "
+                "target_ongoing_requests"
+            )
+        min_replicas = 1 if self.min_replicas is None else self.min_replicas
+        if min_replicas < 0 or self.max_replicas < 1:
+            raise ValueError(
+                f"min_replicas must be at least 0 and max_replicas at least 1, got "
+                f"{min_replicas} and {self.max_replicas}"
+            )
+        if min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas {min_replicas} is greater than max_replicas {self.max_replicas}; "
+                "raise max_replicas or lower min_replicas"
+            )
+        target = self.target_ongoing_requests
+        if target is not None and not 0 < target <= self.ongoing_requests_limit:
+            raise ValueError(
+                f"target_ongoing_requests {target} must be positive and at most "
+                f"max_ongoing_requests ({self.ongoing_requests_limit}), because a replica "
+                "never has more requests in progress than that"
+            )
+
+    @property
+    def autoscaling(self) -> bool:
+        """Whether any autoscaling field is set."""
+        fields = (self.min_replicas, self.max_replicas, self.target_ongoing_requests)
+        return any(value is not None for value in fields)
+
+    def autoscaling_config(self) -> dict[str, Any] | None:
+        """Return Serve's `autoscaling_config` for these settings, or None without autoscaling."""
+        if not self.autoscaling:
+            return None
+        config: dict[str, Any] = {
+            "min_replicas": 1 if self.min_replicas is None else self.min_replicas,
+            "max_replicas": self.max_replicas,
+        }
+        if self.target_ongoing_requests is not None:
+            config["target_ongoing_requests"] = self.target_ongoing_requests
+        return config
+
+    @property
+    def replicas_description(self) -> str:
+        """The replica count, or the autoscaling bounds, for log lines."""
+        autoscaling = self.autoscaling_config()
+        if autoscaling is None:
+            return f"{self.num_replicas or 1} replica(s)"
+        return f"{autoscaling['min_replicas']} to {autoscaling['max_replicas']} replicas"
 
     @property
     def images_per_request_limit(self) -> int:
@@ -116,6 +205,13 @@ class ServiceConfig:
     def images_in_flight_limit(self) -> int:
         """`max_images_in_flight` with its default applied."""
         return int(self.max_images_in_flight or 4 * self.max_batch_images)
+
+    @property
+    def run_images_in_flight_limit(self) -> int:
+        """`max_run_images_in_flight` with its default applied."""
+        if self.max_run_images_in_flight is None:
+            return min(2 * self.max_batch_images, self.images_in_flight_limit)
+        return int(self.max_run_images_in_flight)
 
     @property
     def ongoing_requests_limit(self) -> int:

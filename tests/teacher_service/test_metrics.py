@@ -1,6 +1,8 @@
-"""Prometheus rendering and cross-replica merging of the service metrics."""
+"""Prometheus rendering, cross-replica merging and the per-run usage report."""
 
 from __future__ import annotations
+
+import pytest
 
 from teacher_service.metrics import (
     FAMILIES,
@@ -10,6 +12,17 @@ from teacher_service.metrics import (
     merge_snapshots,
     render_prometheus,
 )
+from teacher_service.run_usage import LATENCY_BUCKETS, RecentWindow, histogram_quantile
+
+
+class _Clock:
+    """A settable monotonic clock for `RecentWindow`."""
+
+    def __init__(self) -> None:
+        self.now_s = 0.0
+
+    def __call__(self) -> float:
+        return self.now_s
 
 
 def _samples(text: str) -> dict[str, float]:
@@ -21,7 +34,9 @@ def _samples(text: str) -> dict[str, float]:
     return values
 
 
-def _record(metrics: ReplicaMetrics, run_id: str | None, images: int) -> None:
+def _record(
+    metrics: ReplicaMetrics, run_id: str | None, images: int, latency_s: float | None = None
+) -> None:
     metrics.record_request(
         run_id=run_id,
         transport="http",
@@ -31,6 +46,7 @@ def _record(metrics: ReplicaMetrics, run_id: str | None, images: int) -> None:
         macs_spent=images * 100,
         macs_saved=images * 50,
         body_bytes=images * 1000,
+        latency_s=latency_s,
     )
 
 
@@ -136,3 +152,93 @@ def test_store_replaces_a_replicas_snapshot() -> None:
     store.update("r", metrics.snapshot(), now_s=1.0)
     samples = _samples(store.render(now_s=1.0))
     assert samples['maskedkd_teacher_images_total{run_id="a"}'] == 2
+
+
+# -- Per-run usage -----------------------------------------------------------------------------
+
+
+def test_latency_histogram_per_run_on_page() -> None:
+    metrics = ReplicaMetrics()
+    _record(metrics, "a", 1, latency_s=0.004)
+    _record(metrics, "a", 1, latency_s=0.04)
+    _record(metrics, 'b"x', 1, latency_s=0.5)
+    samples = _samples(render_prometheus(metrics.snapshot()))
+    assert samples['maskedkd_teacher_request_seconds_bucket{run_id="a",le="0.005"}'] == 1
+    assert samples['maskedkd_teacher_request_seconds_bucket{run_id="a",le="0.05"}'] == 2
+    assert samples['maskedkd_teacher_request_seconds_bucket{run_id="a",le="+Inf"}'] == 2
+    assert samples['maskedkd_teacher_request_seconds_count{run_id="a"}'] == 2
+    assert samples['maskedkd_teacher_request_seconds_sum{run_id="a"}'] == pytest.approx(0.044)
+    assert samples['maskedkd_teacher_request_seconds_count{run_id="b\\"x"}'] == 1
+
+
+def test_histogram_quantile_interpolates() -> None:
+    buckets = (1.0, 2.0, 4.0)
+    assert histogram_quantile(buckets, [0, 0, 0, 0], 0.5) is None
+    assert histogram_quantile(buckets, [2, 2, 0, 0], 0.5) == 1.0
+    assert histogram_quantile(buckets, [2, 2, 0, 0], 0.75) == 1.5
+    assert histogram_quantile(buckets, [0, 0, 4, 0], 0.5) == 3.0
+    assert histogram_quantile(buckets, [1, 0, 0, 3], 0.99) == 4.0  # above the last bound
+
+
+def test_recent_window_forgets_old_slots() -> None:
+    clock = _Clock()
+    window = RecentWindow(window_s=60.0, slot_s=5.0, clock=clock)
+    window.add("a", 0.01, requests=1, images=4)
+    clock.now_s = 30.0
+    window.add("a", 0.02, requests=1, images=2)
+    window.add("b", errors=1)
+    summary = window.summary()
+    assert summary["a"]["requests"] == 2
+    assert summary["a"]["images"] == 6
+    assert summary["a"]["latency"]["count"] == 2
+    assert summary["b"]["errors"] == 1
+    clock.now_s = 62.0  # the slot of t=0 has left the window, the one of t=30 has not
+    summary = window.summary()
+    assert summary["a"]["images"] == 2
+    clock.now_s = 95.0
+    assert window.summary() == {}
+
+
+def test_runs_report_merges_replicas() -> None:
+    clock = _Clock()
+    first = ReplicaMetrics(recent=RecentWindow(clock=clock))
+    second = ReplicaMetrics(recent=RecentWindow(clock=clock))
+    _record(first, "a", 3, latency_s=0.01)
+    _record(second, "a", 2, latency_s=0.03)
+    second.record_error(status=429, code="run_overloaded", run_id="a")
+    _record(second, "b", 1, latency_s=0.2)
+    first.add_run_images_in_flight("b", 4)
+    store = MetricsStore(stale_s=30.0)
+    store.update("r1", first.snapshot(), now_s=0.0)
+    store.update("r2", second.snapshot(), now_s=0.0)
+    report = store.runs(now_s=1.0)
+
+    assert report["replicas"] == 2
+    assert [run["run_id"] for run in report["runs"]] == ["a", "b"]
+    run_a, run_b = report["runs"]
+    for period in ("lifetime", "last_minute"):
+        assert run_a[period]["requests"] == 2
+        assert run_a[period]["images"] == 5
+        assert run_a[period]["patches_kept"] == 50
+        assert run_a[period]["macs_spent"] == 500
+        assert run_a[period]["macs_saved"] == 250
+        assert run_a[period]["errors"] == 1
+    latency = run_a["lifetime"]["latency_s"]
+    assert 0.0075 <= latency["p50"] <= 0.03
+    assert latency["p50"] <= latency["p95"] <= latency["p99"] <= 0.03
+    assert run_b["images_in_flight"] == 4
+    assert report["totals"]["lifetime"]["images"] == 6
+    assert report["totals"]["images_in_flight"] == 4
+
+    # A stale replica keeps its lifetime counts but leaves the last minute.
+    later = store.runs(now_s=100.0)
+    stale_a = later["runs"][0]
+    assert stale_a["lifetime"]["images"] == 5
+    assert stale_a["last_minute"]["requests"] == 0
+    assert stale_a["last_minute"]["latency_s"] is None
+    assert stale_a["active"] is False
+    assert later["replicas"] == 0
+
+
+def test_latency_buckets_ascend() -> None:
+    assert list(LATENCY_BUCKETS) == sorted(set(LATENCY_BUCKETS))

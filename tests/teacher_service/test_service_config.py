@@ -60,3 +60,52 @@ def test_token_file_errors(tmp_path: Path) -> None:
         read_token_digest(str(empty))
     with pytest.raises(ValueError, match="cannot read token file"):
         read_token_digest(str(tmp_path / "missing"))
+
+
+def test_run_limit_default_and_range() -> None:
+    config = ServiceConfig(teacher="t", max_batch_images=16)
+    assert config.run_images_in_flight_limit == 32
+    small = ServiceConfig(teacher="t", max_batch_images=8, max_images_in_flight=12)
+    assert small.run_images_in_flight_limit == 12
+    with pytest.raises(ValueError, match="max_run_images_in_flight 4 must be in .*\\(8..32\\)"):
+        ServiceConfig(teacher="t", max_batch_images=8, max_run_images_in_flight=4)
+    with pytest.raises(ValueError, match="max_run_images_in_flight -1 must be in"):
+        ServiceConfig(teacher="t", max_run_images_in_flight=-1)
+
+
+def test_autoscaling_config_from_fields() -> None:
+    fixed = ServiceConfig(teacher="t", num_replicas=3)
+    assert fixed.autoscaling_config() is None
+    assert fixed.replicas_description == "3 replica(s)"
+    assert ServiceConfig(teacher="t").replicas_description == "1 replica(s)"
+    scaled = ServiceConfig(teacher="t", max_replicas=4, target_ongoing_requests=2)
+    assert scaled.autoscaling_config() == {
+        "min_replicas": 1,
+        "max_replicas": 4,
+        "target_ongoing_requests": 2,
+    }
+    assert scaled.replicas_description == "1 to 4 replicas"
+    to_zero = ServiceConfig(teacher="t", min_replicas=0, max_replicas=2)
+    assert to_zero.autoscaling_config() == {"min_replicas": 0, "max_replicas": 2}
+
+
+@pytest.mark.parametrize(
+    ("fields", "fragment"),
+    [
+        ({"num_replicas": 0}, "num_replicas must be at least 1, got 0"),
+        ({"num_replicas": 2, "max_replicas": 3}, "cannot be combined with min_replicas"),
+        ({"min_replicas": 1}, "autoscaling needs max_replicas"),
+        ({"target_ongoing_requests": 2.0}, "autoscaling needs max_replicas"),
+        ({"min_replicas": -1, "max_replicas": 2}, "min_replicas must be at least 0"),
+        ({"max_replicas": 0}, "max_replicas at least 1, got 1 and 0"),
+        ({"min_replicas": 5, "max_replicas": 2}, "min_replicas 5 is greater than max_replicas 2"),
+        ({"max_replicas": 2, "target_ongoing_requests": 0.0}, "must be positive and at most"),
+        (
+            {"max_replicas": 2, "target_ongoing_requests": 600.0},
+            "at most max_ongoing_requests \\(512\\)",
+        ),
+    ],
+)
+def test_replica_settings_are_checked(fields: dict[str, object], fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment):
+        ServiceConfig(teacher="t", **fields)  # type: ignore[arg-type]
