@@ -1,4 +1,4 @@
-"""Where a training run's metrics lines, checkpoints and final files go.
+"""Outputs of a training run: metrics lines, checkpoints and final files.
 
 The training loop calls the same `RunOutput` methods in a single-process run and on every
 Ray Train worker. `RunFolderOutput` writes straight into the run folder. The Ray Train

@@ -152,3 +152,27 @@ def test_train_unreachable_service_exits_1(tiny_data, tmp_path, caplog):
 
     assert code == 1
     assert "did not answer" in caplog.text
+
+
+def test_worker_options_map_onto_config() -> None:
+    args = parse(
+        ["train", "--data", "shards", "--no-teacher", "--loader-workers", "2",
+         "--num-workers", "3", "--use-gpu", "--address", "auto", "--lr-scaling", "none",
+         "--storage-path", "shared/ray", "--record-keys"]
+    )  # fmt: skip
+    config = config_from_args(args)
+    assert config.loader_workers == 2
+    assert config.num_workers == 3
+    assert config.use_gpu
+    assert config.address == "auto"
+    assert config.lr_scaling == "none"
+    assert config.storage_path == "shared/ray"
+    assert config.record_keys
+
+
+def test_worker_options_default_to_one_process() -> None:
+    config = config_from_args(parse(["train", "--data", "shards", "--no-teacher"]))
+    assert config.num_workers is None
+    assert config.loader_workers == 0
+    assert not config.use_gpu
+    assert config.address is None
