@@ -24,8 +24,8 @@ Inside a batch, rows of all requests are grouped by kept count and pixel type, o
 forward per group, and each request gets its rows back in order.
 
 Overload: each replica admits at most `max_run_images_in_flight` images per run and
-`max_images_in_flight` images in all (admitted and not yet returned). Past the run limit it
-returns 429, past the replica limit 503, both with a Retry-After header, instead of
+`max_images_in_flight` images in all (admitted and not yet returned). Past the replica limit it
+returns 503, else past the run limit 429, both with a Retry-After header, instead of
 queueing without bound. The client SDK retries both with backoff. A client could spread
 its requests over many run ids to pass the run limit, but the replica limit still holds.
 
@@ -512,10 +512,18 @@ class TeacherDeployment:
         return payload
 
     def _admit(self, run_key: str, num_images: int) -> None:
-        """Raise 429 past the run's image limit, 503 past the replica's."""
+        """Raise 503 past the replica's image limit, else 429 past the run's."""
+        retry_after_s = self.config.retry_after_s
+        if self._images_in_flight + num_images > self._max_images_in_flight:
+            raise ProtocolError(
+                503,
+                "overloaded",
+                f"replica has {self._images_in_flight} images in flight and admits at most "
+                f"{self._max_images_in_flight}; retry after {retry_after_s:g} s",
+                retry_after_s=retry_after_s,
+            )
         run_in_flight = self._run_images_in_flight.get(run_key, 0)
         run_limit = self._max_run_images_in_flight
-        retry_after_s = self.config.retry_after_s
         if run_in_flight + num_images > run_limit:
             raise ProtocolError(
                 429,
@@ -523,14 +531,6 @@ class TeacherDeployment:
                 f"run {run_key!r} has {run_in_flight} images in flight on this replica and "
                 f"may have at most {run_limit}; retry after {retry_after_s:g} s, or send "
                 "fewer requests at once",
-                retry_after_s=retry_after_s,
-            )
-        if self._images_in_flight + num_images > self._max_images_in_flight:
-            raise ProtocolError(
-                503,
-                "overloaded",
-                f"replica has {self._images_in_flight} images in flight and admits at most "
-                f"{self._max_images_in_flight}; retry after {retry_after_s:g} s",
                 retry_after_s=retry_after_s,
             )
 

@@ -26,7 +26,7 @@ _RUN_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("MACs spent", "lifetime", "macs_spent"),
     ("MACs saved", "lifetime", "macs_saved"),
     ("errors", "lifetime", "errors"),
-    ("images/min", "last_minute", "images"),
+    ("images last min", "last_minute", "images"),
 )
 
 
@@ -68,10 +68,15 @@ def _headings() -> list[str]:
     ]
 
 
+def _printable(text: str) -> str:
+    """Escape control characters, so that a client's run id cannot drive the terminal."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
 def format_runs_table(report: dict[str, Any]) -> str:
     """Format the runs report as a fixed-width text table with a totals line."""
     rows = [_headings()]
-    rows.extend(_run_cells(run) for run in report["runs"])
+    rows.extend([_printable(cell) for cell in _run_cells(run)] for run in report["runs"])
     totals = report["totals"]
     rows.append(_run_cells({"run_id": "total", **totals}))
     widths = [max(len(row[index]) for row in rows) for index in range(len(rows[0]))]
@@ -86,8 +91,8 @@ def format_runs_table(report: dict[str, Any]) -> str:
             lines.append("  ".join("-" * width for width in widths))
     lines.append(
         f"{sum(run['active'] for run in report['runs'])} active of {len(report['runs'])} "
-        f"run(s), {report['replicas']} replica(s) reporting; images/min and last-minute "
-        f"latency cover the last {report['window_s']:.0f} s"
+        f"run(s), {report['replicas']} replica(s) reporting; the last-minute columns cover "
+        f"the last {report['window_s']:.0f} s"
     )
     return "\n".join(lines) + "\n"
 

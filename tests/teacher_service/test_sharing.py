@@ -522,3 +522,16 @@ def test_serve_binds_loopback_by_default() -> None:
     config = ServeCommandConfig.from_args(args)
     assert config.host == "127.0.0.1"
     assert ServeCommandConfig(service=ServiceConfig(teacher="t")).host == "127.0.0.1"
+
+
+def test_runs_table_escapes_control_characters() -> None:
+    from teacher_service.metrics import MetricsStore, ReplicaMetrics
+    from teacher_service.status_page import format_runs_table
+
+    metrics = ReplicaMetrics()
+    metrics.record_error(status=422, code="invalid_content", run_id="evil\x1b[2J\nrun")
+    store = MetricsStore()
+    store.update("replica", metrics.snapshot(), now_s=0.0)
+    table = format_runs_table(store.runs(now_s=0.0))
+    assert "\x1b" not in table
+    assert "evil\\x1b[2J\\nrun" in table
