@@ -166,7 +166,7 @@ def test_random_arrow_tables_raise_only_protocol_errors(body: bytes) -> None:
     pixels_per_row=st.lists(st.integers(0, 100), min_size=1, max_size=4),
     pixel_type=st.sampled_from((pa.uint8(), pa.float16())),
 )
-def test_random_keep_and_pixel_counts_raise_only_protocol_errors(
+def test_random_keep_lists_raise_only_protocol_errors(
     keep: list[list[int]], pixels_per_row: list[int], pixel_type: pa.DataType
 ) -> None:
     rows = min(len(keep), len(pixels_per_row))
