@@ -44,7 +44,7 @@ FASHION_MNIST_STD = (0.353,)
 
 def run_once(args: argparse.Namespace, num_workers: int | None) -> dict[str, Any]:
     """Train one run and return its speed; `num_workers` None is the plain run."""
-    label = "plain" if num_workers is None else f"{num_workers}-workers"
+    label = "plain" if num_workers is None else f"ray_train_{num_workers}"
     out = Path(args.work_dir) / label
     shutil.rmtree(out, ignore_errors=True)
     config = TrainConfig(
@@ -66,6 +66,8 @@ def run_once(args: argparse.Namespace, num_workers: int | None) -> dict[str, Any
         address=args.address if num_workers is not None else None,
     )
     summary = train(config)
+
+    # Time only the step lines after the warm-up steps.
     steps = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "step"]
     timed = [r for r in steps if r["step"] > args.warmup_steps]
     if not timed:
@@ -75,6 +77,7 @@ def run_once(args: argparse.Namespace, num_workers: int | None) -> dict[str, Any
     seconds = sum(r["interval_s"] for r in timed)
     timed_steps = timed[-1]["step"] - args.warmup_steps
     images = timed[-1]["images_seen"] - _images_at(steps, args.warmup_steps)
+
     return {
         "run": label,
         "workers": num_workers or 1,
@@ -109,6 +112,7 @@ def main() -> None:
     parser.add_argument("--address", help="Ray cluster address; default: a local Ray")
     parser.add_argument("--no-plain", action="store_true", help="skip the plain run")
     parser.add_argument("--results", default=str(RESULTS_PATH), help="output JSON file")
+    parser.add_argument("--note", default="", help="text stored with the results, e.g. the load")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.warmup_steps % args.log_every:
@@ -120,7 +124,10 @@ def main() -> None:
     if not args.use_gpu:
         torch.set_num_threads(1)  # the plain run gets one core, as each CPU worker does
     runs = [] if args.no_plain else [run_once(args, None)]
-    ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
+    if args.address:
+        ray.init(address=args.address, log_to_driver=False)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=False)
     try:
         runs += [run_once(args, workers) for workers in args.workers]
     finally:
@@ -133,7 +140,9 @@ def main() -> None:
             "torch": torch.__version__,
             "ray": ray.__version__,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "load_average_1min_end": os.getloadavg()[0],
         },
+        "note": args.note,
         "settings": {
             "student": STUDENT_KWARGS,
             "steps": args.steps,

@@ -76,6 +76,9 @@ def train_on_workers(config: TrainConfig) -> dict[str, Any]:
     Connects to the Ray cluster at `config.address`, or starts a local Ray when it is None
     and Ray is not running in this process yet.
 
+    NOTE: SIGTERM does not checkpoint and stop after the current step here, as it does in a
+    single-process run. The run folder keeps the checkpoint of the last finished epoch.
+
     Raises:
         ValueError: invalid options, a checkpoint in the run folder without `resume`, or
             fewer GPUs than workers with `use_gpu`.
@@ -140,6 +143,9 @@ def _fit(config: TrainConfig, run_dir: Path, checkpoint: Checkpoint | None) -> d
     plot_metrics(run_dir / METRICS_NAME, run_dir / PLOT_NAME)
     with open(run_dir / SUMMARY_NAME, encoding="utf-8") as f:
         summary: dict[str, Any] = json.load(f)
+    if config.storage_path is None:
+        # The run folder now contains the final checkpoint, so Ray Train's copies can go.
+        shutil.rmtree(Path(storage_path) / name, ignore_errors=True)
     return summary
 
 
