@@ -90,7 +90,7 @@ def local_ray_serve() -> Iterator[LocalServe]:
     port = free_port()
     start_local_ray()
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        start_serve(port)
         session_dir = Path(ray._private.worker._global_node.get_session_dir_path())
         yield LocalServe(url=f"http://127.0.0.1:{port}", port=port, session_dir=session_dir)
     finally:
@@ -118,6 +118,24 @@ def deployed_app(shared: LocalServe, name: str, args: dict[str, Any]) -> Iterato
             serve.delete(name)
         except RayServeException:  # a test stopped Serve already
             logger.info("Serve is not running; application %s is gone with it", name)
+
+
+def start_serve(port: int, attempts: int = 3) -> None:
+    """Start Serve's HTTP proxy on 127.0.0.1:`port`, trying again when it starts too slowly.
+
+    Serve kills a proxy that is not ready within 60 s, which happens on a loaded machine.
+    """
+    from ray import serve
+
+    for attempt in range(1, attempts + 1):
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            return
+        except Exception as error:  # Ray raises ActorDiedError or GetTimeoutError here
+            serve.shutdown()
+            if attempt == attempts:
+                raise
+            logger.warning("Serve start %d of %d failed (%s); retrying", attempt, attempts, error)
 
 
 def start_local_ray(attempts: int = 5) -> None:
