@@ -115,6 +115,7 @@ def test_killed_run_resumes_to_identical_weights(inputs: tuple[Path, Path], tmp_
     pointer = json.loads((resumed / "checkpoint.json").read_text())
     assert pointer["state"]["step"] == STEPS_PER_EPOCH
     assert safetensors.torch.load_file(resumed / pointer["model_file"])
+    lines_before_resume = len(read_metrics_lines(resumed / "metrics.jsonl"))
     _run(_train_command(data, teacher, resumed, "--resume"), tmp_path / "resumed.log")
 
     # Every step appears once, and each step's loss equals the reference's.
@@ -135,3 +136,15 @@ def test_killed_run_resumes_to_identical_weights(inputs: tuple[Path, Path], tmp_
     assert sorted(actual) == sorted(expected)
     for name, tensor in expected.items():
         assert actual[name].equal(tensor), name
+    print(
+        "student resume:",
+        json.dumps(
+            {
+                "killed_after_step": killed_at,
+                "checkpoint_step": pointer["state"]["step"],
+                "metrics_lines_before_resume": lines_before_resume,
+                "steps_logged": len(resumed_steps),
+                "tensors_compared": len(expected),
+            }
+        ),
+    )
