@@ -186,7 +186,7 @@ def rss_bytes(pid: int) -> int:
 
 
 def wait_for(condition: Callable[[], bool], description: str, timeout_s: float = 180.0) -> float:
-    """Poll `condition` until it returns True, and return the seconds that took; raise on timeout."""
+    """Poll `condition` until it returns True; return the seconds taken, raise on timeout."""
     started = time.monotonic()
     while not condition():
         if time.monotonic() - started > timeout_s:
