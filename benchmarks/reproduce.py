@@ -20,6 +20,10 @@ Usage:
     python benchmarks/reproduce.py run --data data/fashion-mnist --out runs/reproduce
     python benchmarks/reproduce.py summarise --runs runs/reproduce
 
+`benchmarks/results/reproduction_runs/` keeps the metrics.jsonl, summary.json and wall.json of
+the published study's runs (with repository-relative paths), so `summarise` with no options
+rebuilds the published JSON and plots from them.
+
 `summarise` reads every run's metrics.jsonl and writes
 `benchmarks/results/reproduction.json` (per arm: keep_ratio, teacher_macs_per_image and the
 per-seed top1 fractions), the accuracy-against-compute plot and the curriculum plot, and
@@ -217,7 +221,10 @@ def summarise_run(run_dir: Path) -> dict[str, Any]:
 def summarise(args: argparse.Namespace) -> dict[str, Any]:
     """Collect every finished run under `args.runs` into the study's JSON and plots."""
     runs_root = Path(args.runs)
-    result: dict[str, Any] = {"runs": str(runs_root), "arms": {}}
+    repository = RESULTS_DIR.parent.parent
+    inside = runs_root.resolve().is_relative_to(repository)
+    label = runs_root.resolve().relative_to(repository) if inside else runs_root
+    result: dict[str, Any] = {"runs": str(label), "arms": {}}
     for arm in arms(TEACHER):
         seed_dirs = sorted(
             (d for d in (runs_root / arm.name).glob("seed*") if (d / "summary.json").is_file()),
@@ -356,7 +363,11 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--parallel", type=int, default=2, help="runs at once (default: 2)")
     run.add_argument("--threads", type=int, default=1, help="torch threads per run (default: 1)")
     summary = commands.add_parser("summarise", help="collect finished runs into JSON and plots")
-    summary.add_argument("--runs", default="runs/reproduce", help="default: %(default)s")
+    summary.add_argument(
+        "--runs",
+        default=str(RESULTS_DIR / "reproduction_runs"),
+        help="study folder (default: benchmarks/results/reproduction_runs, the committed runs)",
+    )
     summary.add_argument(
         "--json",
         default=str(RESULTS_DIR / "reproduction.json"),
