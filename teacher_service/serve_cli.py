@@ -371,7 +371,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         type=_non_negative_int,
         default=None,
         metavar="N",
-        help="autoscale: fewest replicas, 0 to stop all when idle; needs --max-replicas "
+        help="autoscale: minimum replicas, 0 to stop all when idle; needs --max-replicas "
         "(default: 1)",
     )
     parser.add_argument(

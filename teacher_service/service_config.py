@@ -31,9 +31,9 @@ class ServiceConfig:
         amp: autocast dtype on CUDA: "none" (float32), "bf16" or "fp16".
         num_replicas: fixed number of replicas; None means 1 without autoscaling. Not
             allowed together with the autoscaling fields.
-        min_replicas: with autoscaling, the fewest replicas (0 lets Serve stop them all
+        min_replicas: with autoscaling, the minimum replicas (0 lets Serve stop them all
             when idle); None means 1.
-        max_replicas: with autoscaling, the most replicas. Setting it, or min_replicas or
+        max_replicas: with autoscaling, the maximum replicas. Setting it, or min_replicas or
             target_ongoing_requests, turns autoscaling on, and then it is required.
         target_ongoing_requests: with autoscaling, the requests in progress per replica
             that Serve's autoscaler aims for; None keeps Serve's default.
