@@ -45,6 +45,17 @@ DEFAULT_RETRIES = 5
 DEFAULT_APP_NAME = "maskedkd-teacher"
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
 
+
+def _is_lost_replica(response: httpx.Response) -> bool:
+    """Return whether a 500 came from Serve's proxy because the replica died mid-request.
+
+    The service's own 500 is JSON (`internal_error`) and is not retried. The proxy's is plain
+    text, and retrying it is safe because a logits request has no side effects.
+    """
+    content_type = response.headers.get("content-type", "")
+    return response.status_code == 500 and not content_type.startswith("application/json")
+
+
 ImageBatch = torch.Tensor | np.ndarray
 KeepIndices = torch.Tensor | np.ndarray | Sequence[torch.Tensor | np.ndarray]
 _T = TypeVar("_T")
@@ -438,7 +449,7 @@ class TeacherClient(_ClientBase):
             response = self._http.request(method, path, timeout=timeout_s, **kwargs)
         except httpx.TransportError as err:
             raise _Retry(f"{type(err).__name__}: {err}", None, None) from None
-        if response.status_code in RETRYABLE_STATUSES:
+        if response.status_code in RETRYABLE_STATUSES or _is_lost_replica(response):
             code, message = _error_from_response(response)
             raise _Retry(
                 f"{response.status_code} {code}: {message}",

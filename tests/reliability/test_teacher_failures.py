@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from student_trainer.checkpointing import load_checkpoint
-from teacher_service.client import TeacherClient, TeacherRequestError
+from teacher_service.client import TeacherClient
 from teacher_service.engine import MaskedTeacher
 from tests.reliability.helpers import (
     FLOAT16_TOLERANCE,
@@ -43,12 +43,6 @@ from tests.student_trainer.helpers import write_shards
 
 APP = "failures"
 BATCH_SIZE = 8
-# Serve's proxy returns a plain-text 500 for a request whose replica died under it, and
-# TeacherClient retries 429, 502, 503 and 504 only, so the request fails at once.
-PROXY_500_NOT_RETRIED = (
-    "TeacherClient does not retry the plain-text 500 that Serve's proxy returns for a "
-    "request whose replica died under it (teacher_service/client.py, _send)"
-)
 
 
 @dataclass
@@ -134,7 +128,6 @@ def _images_in_flight(service: Service) -> float:
     return 0.0
 
 
-@pytest.mark.xfail(reason=PROXY_500_NOT_RETRIED, strict=True, raises=TeacherRequestError)
 def test_request_in_flight_survives_a_killed_replica(service: Service) -> None:
     pixels, keep = torch.as_tensor(images(1, 5)), torch.as_tensor(keep_rows(1, 6, 5))
     with TeacherClient(service.app.url, token=TOKEN, timeout_s=120) as client:
@@ -149,9 +142,6 @@ def test_request_in_flight_survives_a_killed_replica(service: Service) -> None:
     torch.testing.assert_close(result.logits, expected, **FLOAT16_TOLERANCE)
 
 
-# NOTE: the run fails only when a teacher request is in flight at the moment of the kill,
-# which depends on where the trainer is in its step, so this xfail is not strict.
-@pytest.mark.xfail(reason=PROXY_500_NOT_RETRIED, strict=False)
 def test_run_survives_a_killed_replica(service: Service, tmp_path: Path) -> None:
     epochs, steps_per_epoch = 2, 24
     out = tmp_path / "run"
