@@ -75,6 +75,7 @@ class ServeCommandConfig:
             max_images_per_request=args.max_images_per_request,
             max_images_in_flight=args.max_images_in_flight,
             max_run_images_in_flight=args.max_run_images_in_flight,
+            max_queued_requests=args.max_queued_requests,
             max_body_bytes=int(args.max_body_mib * MIB),
             token_file=args.token_file,
         )
@@ -462,6 +463,14 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         help="maximum images one student run (run_id) may have admitted on a replica at once; "
         "past it, its requests get 429 with Retry-After (default: the smaller of 2 x "
         "--max-batch-images and --max-images-in-flight)",
+    )
+    parser.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=-1,
+        metavar="N",
+        help="requests Serve queues per proxy when every replica is at its ongoing-request "
+        "limit; past it, Serve answers 503 (default: -1, no limit)",
     )
     parser.add_argument(
         "--max-body-mib",

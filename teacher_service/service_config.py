@@ -100,6 +100,11 @@ class ServiceConfig:
                 "batch_wait_ms, num_gpus and num_cpus must not be negative, got "
                 f"{self.batch_wait_ms}, {self.num_gpus}, {self.num_cpus}"
             )
+        if self.max_queued_requests != -1 and self.max_queued_requests < 1:
+            raise ValueError(
+                f"max_queued_requests must be -1 (no limit) or at least 1, got "
+                f"{self.max_queued_requests}"
+            )
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError(f"torch_threads must be at least 1 or None, got {self.torch_threads}")
         if self.max_images_per_request is None:

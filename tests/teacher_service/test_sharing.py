@@ -515,6 +515,19 @@ def test_open_address_without_token_warns(caplog: pytest.LogCaptureFixture) -> N
         assert caplog.text == ""
 
 
+def test_serve_passes_queue_limit_to_serve() -> None:
+    from pipelines.cli import build_parser
+
+    parser = build_parser()
+    default = ServeCommandConfig.from_args(parser.parse_args(["serve", "--teacher", "t"]))
+    assert default.service.max_queued_requests == -1
+    args = parser.parse_args(["serve", "--teacher", "t", "--max-queued-requests", "64"])
+    assert ServeCommandConfig.from_args(args).service.max_queued_requests == 64
+    args = parser.parse_args(["serve", "--teacher", "t", "--max-queued-requests", "0"])
+    with pytest.raises(ValueError, match="max_queued_requests must be -1 .* got 0"):
+        ServeCommandConfig.from_args(args)
+
+
 def test_serve_binds_loopback_by_default() -> None:
     from pipelines.cli import build_parser
 
