@@ -80,6 +80,22 @@ from teacher_service.status_page import render_status_page
 
 logger = logging.getLogger(__name__)
 
+
+def _route_logs_to_serve() -> None:
+    """Send this package's INFO and higher lines to the replica's Serve log files.
+
+    A replica process configures only the `ray.serve` logger. Without this, the package's
+    lines fall through to the root logger at WARNING and the INFO lines are lost.
+    """
+    package_logger = logging.getLogger("teacher_service")
+    serve_handlers = logging.getLogger("ray.serve").handlers
+    if not serve_handlers or package_logger.handlers:
+        return
+    package_logger.setLevel(logging.INFO)
+    for handler in serve_handlers:
+        package_logger.addHandler(handler)
+    package_logger.propagate = False
+
 STATUS_REFRESH_S = 5
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -201,6 +217,7 @@ class TeacherDeployment:
         token_digest: bytes | None = None,
         collector: DeploymentHandle | None = None,
     ) -> None:
+        _route_logs_to_serve()
         self.config = ServiceConfig.from_dict(config)
         if self.config.torch_threads:
             torch.set_num_threads(self.config.torch_threads)
