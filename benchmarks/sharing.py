@@ -62,6 +62,9 @@ class SharingBenchmarkConfig:
         window_s: seconds of measurement per configuration, once every trainer is served.
         keep_ratio: fraction of teacher patches each student keeps.
         run_counts: the N of the `runs_N` configurations.
+        trainer_threads: torch threads of each trainer process (OMP_NUM_THREADS), so that
+            several trainers on a small machine do not oversubscribe its cores.
+        service_threads: torch threads of the teacher replica (`serve --torch-threads`).
         poll_s: seconds between polls of GET /v1/runs.
         out: path of the JSON results.
         results_md: markdown file whose sharing section is replaced.
@@ -73,6 +76,8 @@ class SharingBenchmarkConfig:
     window_s: float = 30.0
     keep_ratio: float = 0.5
     run_counts: tuple[int, ...] = (1, 2, 4)
+    trainer_threads: int = 1
+    service_threads: int = 1
     poll_s: float = 1.0
     out: str = "benchmarks/results/sharing.json"
     results_md: str = "benchmarks/RESULTS.md"
@@ -91,7 +96,15 @@ def _cli(*args: str) -> list[str]:
 def start_service(config: SharingBenchmarkConfig, log_path: Path) -> tuple[subprocess.Popen, str]:
     """Start `maskedkd serve` and return the process and its URL once /v1/ready is 200."""
     port = _free_port()
-    command = _cli("serve", "--teacher", config.teacher, "--port", str(port))
+    command = _cli(
+        "serve",
+        "--teacher",
+        config.teacher,
+        "--port",
+        str(port),
+        "--torch-threads",
+        str(config.service_threads),
+    )
     log = open(log_path, "w")  # noqa: SIM115 (the child process writes it until stopped)
     process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -145,7 +158,9 @@ def _start_trainers(
             "--run-name", run_id,
         )  # fmt: skip
         log = open(folder / f"{run_id}.log", "w")  # noqa: SIM115 (closed with the process)
-        processes.append((subprocess.Popen(command, stdout=log, stderr=log), log))
+        environment = {**os.environ, "OMP_NUM_THREADS": str(config.trainer_threads)}
+        process = subprocess.Popen(command, stdout=log, stderr=log, env=environment)
+        processes.append((process, log))
     return processes
 
 
@@ -343,9 +358,26 @@ def parse_args(argv: list[str] | None = None) -> SharingBenchmarkConfig:
         default=defaults.window_s,
         help="seconds measured per configuration once every trainer is served",
     )
+    parser.add_argument(
+        "--trainer-threads",
+        type=int,
+        default=defaults.trainer_threads,
+        help="torch threads per trainer process (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--service-threads",
+        type=int,
+        default=defaults.service_threads,
+        help="torch threads of the teacher replica (default: %(default)s)",
+    )
     parser.add_argument("--out", default=defaults.out, help="JSON results file")
     parser.add_argument("--results-md", default=defaults.results_md, help="markdown to update")
     args = parser.parse_args(argv)
+    if args.trainer_threads < 1 or args.service_threads < 1:
+        parser.error(
+            f"--trainer-threads and --service-threads must be at least 1, got "
+            f"{args.trainer_threads} and {args.service_threads}"
+        )
     if args.batch_size < 1 or not args.window_s > 0:
         parser.error(
             f"--batch-size must be at least 1 and --window-s positive, got "
@@ -356,6 +388,8 @@ def parse_args(argv: list[str] | None = None) -> SharingBenchmarkConfig:
         data=args.data,
         batch_size=args.batch_size,
         window_s=args.window_s,
+        trainer_threads=args.trainer_threads,
+        service_threads=args.service_threads,
         out=args.out,
         results_md=args.results_md,
     )
@@ -372,7 +406,8 @@ def main() -> None:
     out.write_text(json.dumps(results, indent=2) + "\n")
     command = (
         f".venv/bin/python benchmarks/sharing.py --batch-size {config.batch_size} "
-        f"--window-s {config.window_s:g}"
+        f"--window-s {config.window_s:g} --trainer-threads {config.trainer_threads} "
+        f"--service-threads {config.service_threads}"
     )
     replace_section(Path(config.results_md), render_section(results, command))
     logger.info("wrote %s and %s", out, config.results_md)

@@ -22,8 +22,10 @@ from tests.reliability.helpers import latest_step, read_metrics_lines, wait_for,
 from tests.student_trainer.helpers import write_shards
 
 STEPS_PER_EPOCH = 12
-EPOCHS = 3
-KILL_AT_STEP = STEPS_PER_EPOCH + 2  # two steps into the second epoch
+# Steps take milliseconds on an idle machine, so the kill can land a few epochs after
+# KILL_AT_STEP. The spare epochs keep the run from ending before it.
+EPOCHS = 6
+KILL_AT_STEP = STEPS_PER_EPOCH + 2  # two steps into the second epoch at the earliest
 
 
 def _train_command(data: Path, teacher: Path, out: Path, *extra: str) -> list[str]:
@@ -111,9 +113,11 @@ def test_killed_run_resumes_to_identical_weights(inputs: tuple[Path, Path], tmp_
     assert STEPS_PER_EPOCH < killed_at < EPOCHS * STEPS_PER_EPOCH
     assert not (resumed / "student.safetensors").exists()
 
-    # The first epoch's checkpoint is intact.
+    # The latest epoch checkpoint before the kill is intact.
     pointer = json.loads((resumed / "checkpoint.json").read_text())
-    assert pointer["state"]["step"] == STEPS_PER_EPOCH
+    checkpoint_step = pointer["state"]["step"]
+    assert checkpoint_step % STEPS_PER_EPOCH == 0
+    assert STEPS_PER_EPOCH <= checkpoint_step <= killed_at
     assert safetensors.torch.load_file(resumed / pointer["model_file"])
     lines_before_resume = len(read_metrics_lines(resumed / "metrics.jsonl"))
     _run(_train_command(data, teacher, resumed, "--resume"), tmp_path / "resumed.log")
@@ -128,7 +132,7 @@ def test_killed_run_resumes_to_identical_weights(inputs: tuple[Path, Path], tmp_
     assert [r["step"] for r in records if r.get("kind") == "epoch"] == [
         STEPS_PER_EPOCH * (epoch + 1) for epoch in range(EPOCHS)
     ]
-    assert [r["step"] for r in records if r.get("kind") == "start"] == [0, STEPS_PER_EPOCH]
+    assert [r["step"] for r in records if r.get("kind") == "start"] == [0, checkpoint_step]
 
     # The final weights are bit-identical.
     expected = safetensors.torch.load_file(reference / "student.safetensors")
@@ -141,7 +145,7 @@ def test_killed_run_resumes_to_identical_weights(inputs: tuple[Path, Path], tmp_
         json.dumps(
             {
                 "killed_after_step": killed_at,
-                "checkpoint_step": pointer["state"]["step"],
+                "checkpoint_step": checkpoint_step,
                 "metrics_lines_before_resume": lines_before_resume,
                 "steps_logged": len(resumed_steps),
                 "tensors_compared": len(expected),
