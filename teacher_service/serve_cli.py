@@ -96,6 +96,18 @@ def _check_teacher_source(teacher: str) -> None:
     looks_like_path = teacher.endswith(".safetensors") or (os.sep in teacher and not hub_name)
     if looks_like_path and not Path(teacher).is_file():
         raise ValueError(f"teacher checkpoint {teacher!r} not found; check the path")
+    if looks_like_path:
+        # Reading the header takes milliseconds, while a bad file found by a replica costs a
+        # Ray start and a page of Serve tracebacks.
+        from teacher_service.checkpoint import read_metadata
+
+        try:
+            read_metadata(teacher)
+        except ValueError as error:
+            raise ValueError(
+                f"{error}; pass a checkpoint written by `maskedkd export-teacher` or "
+                "`maskedkd train-teacher`"
+            ) from None
 
 
 def is_loopback_host(host: str) -> bool:

@@ -515,6 +515,21 @@ def test_open_address_without_token_warns(caplog: pytest.LogCaptureFixture) -> N
         assert caplog.text == ""
 
 
+def test_serve_rejects_bad_checkpoint_before_ray(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pipelines.cli import build_parser
+
+    bad = tmp_path / "teacher.safetensors"
+    bad.write_bytes(b"not a checkpoint at all")
+    args = build_parser().parse_args(["serve", "--teacher", str(bad)])
+    with caplog.at_level(logging.ERROR, logger="teacher_service.serve_cli"):
+        status = args.func(args)
+    assert status == 2
+    assert "is not a safetensors file" in caplog.text
+    assert "maskedkd export-teacher" in caplog.text
+
+
 def test_serve_passes_queue_limit_to_serve() -> None:
     from pipelines.cli import build_parser
 
