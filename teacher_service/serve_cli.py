@@ -110,6 +110,22 @@ def _check_teacher_source(teacher: str) -> None:
             ) from None
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """Raise ValueError when `port` is out of range or already taken on `host`."""
+    if not 0 < port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {port}")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise ValueError(
+                f"cannot listen on {host}:{port} ({error.strerror}); stop the process using "
+                "that port or pass another --port"
+            ) from None
+
+
 def is_loopback_host(host: str) -> bool:
     """Return whether `host` (an address or a name) is a loopback address."""
     if host == "localhost":
@@ -152,6 +168,8 @@ def serve_teacher(config: ServeCommandConfig) -> int:
         _check_teacher_source(config.service.teacher)
         if config.detach and config.address is None:
             raise ValueError("--detach needs --address; a local Ray stops when serve exits")
+        if config.address is None:
+            _check_port_free(config.host, config.port)
     except ValueError as error:
         logger.error("serve: %s", error)
         return 2

@@ -530,6 +530,27 @@ def test_serve_rejects_bad_checkpoint_before_ray(
     assert "maskedkd export-teacher" in caplog.text
 
 
+def test_serve_rejects_taken_or_invalid_port(caplog: pytest.LogCaptureFixture) -> None:
+    from pipelines.cli import build_parser
+
+    teacher = "checkpoints/fashion_mnist_vit_teacher.safetensors"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = build_parser().parse_args(["serve", "--teacher", teacher, "--port", str(port)])
+        with caplog.at_level(logging.ERROR, logger="teacher_service.serve_cli"):
+            assert args.func(args) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in caplog.text
+    assert "pass another --port" in caplog.text
+
+    caplog.clear()
+    args = build_parser().parse_args(["serve", "--teacher", teacher, "--port", "99999"])
+    with caplog.at_level(logging.ERROR, logger="teacher_service.serve_cli"):
+        assert args.func(args) == 2
+    assert "--port must be in 1..65535, got 99999" in caplog.text
+
+
 def test_serve_passes_queue_limit_to_serve() -> None:
     from pipelines.cli import build_parser
 
