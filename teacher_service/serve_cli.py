@@ -24,6 +24,8 @@ from teacher_service.service_config import (
     DEFAULT_APP_NAME,
     DEFAULT_MAX_BODY_BYTES,
     ServiceConfig,
+    read_token,
+    read_token_digest,
 )
 
 logger = logging.getLogger(__name__)
@@ -126,6 +128,22 @@ def _check_port_free(host: str, port: int) -> None:
             ) from None
 
 
+def listeners_on_port(port: int) -> int:
+    """Return how many TCP sockets on this machine listen on `port` (0 off Linux)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local_address, state = fields[1], fields[3]
+            if state == "0A" and int(local_address.rsplit(":", 1)[1], 16) == port:
+                count += 1
+    return count
+
+
 def is_loopback_host(host: str) -> bool:
     """Return whether `host` (an address or a name) is a loopback address."""
     if host == "localhost":
@@ -168,6 +186,14 @@ def serve_teacher(config: ServeCommandConfig) -> int:
         _check_teacher_source(config.service.teacher)
         if config.detach and config.address is None:
             raise ValueError("--detach needs --address; a local Ray stops when serve exits")
+        read_token_digest(config.service.token_file)
+        if not config.app_name:
+            raise ValueError("--app-name must not be empty; the default is maskedkd-teacher")
+        if not config.route_prefix.startswith("/"):
+            raise ValueError(
+                f"--route-prefix must start with '/', got {config.route_prefix!r}; "
+                f"use '/{config.route_prefix}'"
+            )
         if config.address is None:
             _check_port_free(config.host, config.port)
     except ValueError as error:
@@ -213,6 +239,17 @@ def serve_teacher(config: ServeCommandConfig) -> int:
         return 2
     except Exception as error:  # deployment failures surface as RuntimeError and Ray errors
         logger.error("serve: deploying %s failed: %s", config.app_name, error)
+        _shutdown(config, local)
+        return 1
+
+    if local and listeners_on_port(config.port) > 1:
+        # Serve's proxy binds with SO_REUSEPORT, so a second service started on the same
+        # port at the same moment also binds, and the kernel would split clients between them.
+        logger.error(
+            "serve: another process also listens on port %d, so clients would reach either "
+            "service at random; stop it or pass another --port",
+            config.port,
+        )
         _shutdown(config, local)
         return 1
 
@@ -307,7 +344,7 @@ def _fetch(
     from teacher_service.client import TeacherClient, TeacherServiceError
 
     try:
-        token = _read_token(token_file)
+        token = read_token(token_file)
         with TeacherClient(url, token=token, timeout_s=timeout_s, retries=1) as client:
             return client.info() if command == "info" else client.runs()
     except (ValueError, TeacherServiceError) as error:
@@ -352,15 +389,6 @@ def show_runs(config: RunsCommandConfig) -> int:
         return 1
     print(json.dumps(report, indent=2) if config.as_json else format_runs_table(report).rstrip())
     return 0
-
-
-def _read_token(token_file: str | None) -> str | None:
-    if token_file is None:
-        return None
-    try:
-        return Path(token_file).read_text(encoding="utf-8").splitlines()[0].strip()
-    except (OSError, IndexError) as error:
-        raise ValueError(f"cannot read a token from {token_file}: {error}") from None
 
 
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:

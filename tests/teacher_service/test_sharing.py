@@ -43,6 +43,7 @@ from teacher_service.protocol import CONTENT_TYPE, encode_request  # noqa: E402
 from teacher_service.serve_cli import (  # noqa: E402
     RunsCommandConfig,
     ServeCommandConfig,
+    listeners_on_port,
     show_runs,
     warn_if_open,
 )
@@ -551,6 +552,40 @@ def test_serve_rejects_taken_or_invalid_port(caplog: pytest.LogCaptureFixture) -
     assert "--port must be in 1..65535, got 99999" in caplog.text
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--token-file", "missing-token.txt"], "cannot read token file 'missing-token.txt'"),
+        (["--app-name", ""], "--app-name must not be empty"),
+        (["--route-prefix", "teacher"], "use '/teacher'"),
+    ],
+)
+def test_serve_rejects_settings_before_ray(
+    options: list[str], message: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pipelines.cli import build_parser
+
+    teacher = "checkpoints/fashion_mnist_vit_teacher.safetensors"
+    args = build_parser().parse_args(["serve", "--teacher", teacher, *options])
+    with caplog.at_level(logging.ERROR, logger="teacher_service.serve_cli"):
+        assert args.func(args) == 2
+    assert message in caplog.text
+
+
+def test_listeners_on_port_counts_shared_binds() -> None:
+    with socket.socket() as first, socket.socket() as second:
+        for sock in (first, second):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        first.bind(("127.0.0.1", 0))
+        first.listen()
+        port = first.getsockname()[1]
+        assert listeners_on_port(port) == 1
+        # A second SO_REUSEPORT listener, as a second Serve proxy on the port would be.
+        second.bind(("127.0.0.1", port))
+        second.listen()
+        assert listeners_on_port(port) == 2
+
+
 def test_serve_passes_queue_limit_to_serve() -> None:
     from pipelines.cli import build_parser
 
@@ -584,3 +619,34 @@ def test_runs_table_escapes_control_characters() -> None:
     table = format_runs_table(store.runs(now_s=0.0))
     assert "\x1b" not in table
     assert "evil\\x1b[2J\\nrun" in table
+
+
+def test_status_page_escapes_control_characters_and_cuts_long_ids() -> None:
+    from teacher_service.metrics import MetricsStore, ReplicaMetrics
+    from teacher_service.status_page import format_runs_table, render_status_page
+
+    metrics = ReplicaMetrics()
+    metrics.record_error(status=422, code="invalid_content", run_id="rtl\u202erun\x00")
+    metrics.record_error(status=422, code="invalid_content", run_id="long" * 60)
+    store = MetricsStore()
+    store.update("replica", metrics.snapshot(), now_s=0.0)
+    report = store.runs(now_s=0.0)
+
+    card = {
+        "arch": "vit",
+        "img_size": [28, 28],
+        "in_chans": 1,
+        "grid_size": [7, 7],
+        "patch_size": [4, 4],
+        "num_classes": 10,
+        "macs_per_image_full": 62_924_032,
+        "max_images_per_request": 256,
+        "max_batch_images": 256,
+    }
+    page = render_status_page(card, report, refresh_s=5)
+    assert "\u202e" not in page
+    assert "\x00" not in page
+    assert "rtl\\u202erun\\x00" in page
+    table = format_runs_table(report)
+    assert "long" * 60 not in table
+    assert max(len(line) for line in table.splitlines()) < 240
