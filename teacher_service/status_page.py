@@ -68,15 +68,27 @@ def _headings() -> list[str]:
     ]
 
 
+# Run ids wider than this are cut in the text table, so one long id cannot widen every line.
+MAX_RUN_ID_WIDTH = 48
+
+
 def _printable(text: str) -> str:
     """Escape control characters, so that a client's run id cannot drive the terminal."""
     return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
+def _shorten(text: str, width: int) -> str:
+    """Cut `text` to `width` characters, marking the cut with an ellipsis."""
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def format_runs_table(report: dict[str, Any]) -> str:
     """Format the runs report as a fixed-width text table with a totals line."""
     rows = [_headings()]
-    rows.extend([_printable(cell) for cell in _run_cells(run)] for run in report["runs"])
+    for run in report["runs"]:
+        cells = [_printable(cell) for cell in _run_cells(run)]
+        cells[0] = _shorten(cells[0], MAX_RUN_ID_WIDTH)
+        rows.append(cells)
     totals = report["totals"]
     rows.append(_run_cells({"run_id": "total", **totals}))
     widths = [max(len(row[index]) for row in rows) for index in range(len(rows[0]))]
@@ -101,7 +113,7 @@ def _table(headings: Sequence[str], rows: Sequence[tuple[str, Sequence[str]]]) -
     head = "".join(f"<th>{html.escape(heading)}</th>" for heading in headings)
     body = "".join(
         f'<tr class="{css_class}">'
-        + "".join(f"<td>{html.escape(cell)}</td>" for cell in cells)
+        + "".join(f"<td>{html.escape(_printable(cell))}</td>" for cell in cells)
         + "</tr>"
         for css_class, cells in rows
     )
