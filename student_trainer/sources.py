@@ -42,6 +42,7 @@ import torch
 
 from teacher_service.client import RayTeacherClient, TeacherClient, TeacherResult
 from teacher_service.engine import MaskedTeacher
+from teacher_service.service_config import read_token
 
 logger = logging.getLogger(__name__)
 
@@ -510,17 +511,6 @@ def write_logits_parquet(
     os.replace(partial, target)
 
 
-def read_token(token_file: str | None) -> str | None:
-    """Return the first line of `token_file` with whitespace stripped, or None."""
-    if not token_file:
-        return None
-    with open(token_file, encoding="utf-8") as f:
-        token = f.readline().strip()
-    if not token:
-        raise ValueError(f"token file {token_file} is empty; write the bearer token on line 1")
-    return token
-
-
 def open_source(
     kind: str,
     target: str | None,
@@ -547,7 +537,7 @@ def open_source(
     if not target:
         raise ValueError(f"supervision source {kind!r} needs a target")
     if kind == "url":
-        return ServiceSource(target, read_token(token_file), run_id, timeout_s)
+        return ServiceSource(target, read_token(token_file or None), run_id, timeout_s)
     if kind == "app":
         return RayHandleSource(target, ray_address, run_id, timeout_s)
     if kind == "file":

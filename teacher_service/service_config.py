@@ -233,18 +233,27 @@ class ServiceConfig:
         return cls(**args)
 
 
-def read_token_digest(token_file: str | None) -> bytes | None:
-    """Return the SHA-256 of the token in `token_file` (first line, stripped), or None.
+def read_token(token_file: str | None) -> str | None:
+    """Return the bearer token in `token_file` (its first line, stripped), or None.
 
-    Replicas receive only this digest, never the token.
+    The service, `maskedkd train`, `info` and `runs` all read token files through this.
     """
     if token_file is None:
         return None
     try:
         lines = Path(token_file).read_text(encoding="utf-8").splitlines()
-    except OSError as err:
+    except (OSError, UnicodeDecodeError) as err:
         raise ValueError(f"cannot read token file {token_file!r}: {err}") from None
     token = lines[0].strip() if lines else ""
     if not token:
         raise ValueError(f"token file {token_file!r} is empty; write the token on its first line")
-    return hashlib.sha256(token.encode("utf-8")).digest()
+    return token
+
+
+def read_token_digest(token_file: str | None) -> bytes | None:
+    """Return the SHA-256 of the token in `token_file` (first line, stripped), or None.
+
+    Replicas receive only this digest, never the token.
+    """
+    token = read_token(token_file)
+    return None if token is None else hashlib.sha256(token.encode("utf-8")).digest()
