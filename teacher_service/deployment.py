@@ -96,6 +96,7 @@ def _route_logs_to_serve() -> None:
         package_logger.addHandler(handler)
     package_logger.propagate = False
 
+
 STATUS_REFRESH_S = 5
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
