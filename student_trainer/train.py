@@ -155,6 +155,8 @@ def _run_epochs(trainer: Trainer, state: RunState, output: RunOutput) -> None:
     while state.epoch < config.epochs and not _reached_max_steps(config, state):
         epoch_meter = IntervalMeter()
         completed = _train_epoch(trainer, state, output, epoch_meter)
+        # Taken before evaluation, so that the epoch's rates cover training only.
+        training = _prefixed(epoch_meter.summary(), "train_")
 
         # Evaluate unless stopping on SIGTERM, where the grace period may be short.
         evaluation = {} if trainer.stop_requested else evaluate(trainer)
@@ -163,7 +165,7 @@ def _run_epochs(trainer: Trainer, state: RunState, output: RunOutput) -> None:
             "epoch": state.epoch,
             "step": state.step,
             "completed": completed,
-            **_prefixed(epoch_meter.summary(), "train_"),
+            **training,
             **evaluation,
             **state.totals(),
         }
