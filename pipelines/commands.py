@@ -184,7 +184,7 @@ def run_train_teacher(args: argparse.Namespace) -> int:
 
 
 def add_demo(subparsers: argparse._SubParsersAction) -> None:
-    from pipelines.demo import SHIPPED_TEACHER, DemoConfig
+    from pipelines.demo import DemoConfig
 
     defaults = DemoConfig()
     parser = subparsers.add_parser(
@@ -202,7 +202,11 @@ def add_demo(subparsers: argparse._SubParsersAction) -> None:
         "--data", default=str(defaults.data), help="shard folder, prepared when missing"
     )
     parser.add_argument(
-        "--teacher", default=str(SHIPPED_TEACHER), help="teacher checkpoint to serve"
+        "--teacher",
+        default=argparse.SUPPRESS,
+        metavar="FILE",
+        help="teacher checkpoint to serve (default: the shipped "
+        "checkpoints/fashion_mnist_vit_teacher.safetensors)",
     )
     parser.add_argument(
         "--epochs", type=int, default=defaults.epochs, help="epochs per student run"
@@ -237,13 +241,13 @@ def add_demo(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
-    from pipelines.demo import DemoConfig, run_demo
+    from pipelines.demo import SHIPPED_TEACHER, DemoConfig, run_demo
 
     config = DemoConfig(
         out=Path(args.out),
         source=Path(args.source),
         data=Path(args.data),
-        teacher=Path(args.teacher),
+        teacher=Path(getattr(args, "teacher", SHIPPED_TEACHER)),
         epochs=args.epochs,
         steps_per_epoch=args.steps_per_epoch or None,
         max_steps=args.max_steps,

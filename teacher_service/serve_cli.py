@@ -540,8 +540,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--token-file",
         metavar="F",
-        help="file whose first line is a bearer token that /v1/teacher, /v1/logits and "
-        "/metrics require (default: no authentication)",
+        help="file whose first line is a bearer token that every route except /v1/health "
+        "and /v1/ready requires, the status page included (default: no authentication)",
     )
     parser.add_argument(
         "--address",
