@@ -78,6 +78,7 @@ class ServeCommandConfig:
             max_images_in_flight=args.max_images_in_flight,
             max_run_images_in_flight=args.max_run_images_in_flight,
             max_queued_requests=args.max_queued_requests,
+            max_run_ids=args.max_run_ids,
             max_body_bytes=int(args.max_body_mib * MIB),
             token_file=args.token_file,
         )
@@ -529,6 +530,14 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         help="requests Serve queues per proxy when every replica is at its ongoing-request "
         "limit; past it, Serve answers 503 (default: -1, no limit)",
+    )
+    parser.add_argument(
+        "--max-run-ids",
+        type=_positive_int,
+        default=256,
+        metavar="N",
+        help="distinct run ids each replica accounts for separately in /v1/runs and /metrics; "
+        "later runs are counted together under _other (default: 256)",
     )
     parser.add_argument(
         "--max-body-mib",

@@ -594,6 +594,9 @@ def test_serve_passes_queue_limit_to_serve() -> None:
     assert default.service.max_queued_requests == -1
     args = parser.parse_args(["serve", "--teacher", "t", "--max-queued-requests", "64"])
     assert ServeCommandConfig.from_args(args).service.max_queued_requests == 64
+    assert default.service.max_run_ids == 256
+    args = parser.parse_args(["serve", "--teacher", "t", "--max-run-ids", "4096"])
+    assert ServeCommandConfig.from_args(args).service.max_run_ids == 4096
     args = parser.parse_args(["serve", "--teacher", "t", "--max-queued-requests", "0"])
     with pytest.raises(ValueError, match="max_queued_requests must be -1 .* got 0"):
         ServeCommandConfig.from_args(args)
