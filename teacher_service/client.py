@@ -432,6 +432,11 @@ class TeacherClient(_ClientBase):
             max_backoff_s=max_backoff_s,
             max_workers=max_workers,
         )
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(
+                f"teacher URL {url!r} must start with http:// or https://, for example "
+                "http://127.0.0.1:8000"
+            )
         self.url = url.rstrip("/")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         limits = httpx.Limits(max_connections=max(8, 2 * max_workers))
@@ -447,6 +452,9 @@ class TeacherClient(_ClientBase):
     def _send(self, method: str, path: str, timeout_s: float, **kwargs: Any) -> httpx.Response:
         try:
             response = self._http.request(method, path, timeout=timeout_s, **kwargs)
+        except httpx.ConnectError as err:
+            hint = f"check that the teacher service runs at {self.url}"
+            raise _Retry(f"ConnectError: {err}; {hint}", None, None) from None
         except httpx.TransportError as err:
             raise _Retry(f"{type(err).__name__}: {err}", None, None) from None
         if response.status_code in RETRYABLE_STATUSES or _is_lost_replica(response):

@@ -113,6 +113,8 @@ def test_client_rejects_invalid_settings() -> None:
         TeacherClient("http://127.0.0.1:1", logits_dtype="int8")
     with pytest.raises(ValueError, match="timeout_s must be positive"):
         TeacherClient("http://127.0.0.1:1", timeout_s=0)
+    with pytest.raises(ValueError, match="must start with http:// or https://"):
+        TeacherClient("127.0.0.1:8000")
 
 
 def test_connection_refused_raises_unavailable_after_retries() -> None:
@@ -122,6 +124,7 @@ def test_connection_refused_raises_unavailable_after_retries() -> None:
     assert caught.value.status is None
     assert "after 3 attempt(s)" in str(caught.value)
     assert "ConnectError" in str(caught.value)
+    assert "check that the teacher service runs at" in str(caught.value)
 
 
 def test_deadline_stops_retries_early() -> None:
