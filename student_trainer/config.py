@@ -233,12 +233,21 @@ class TrainConfig:
                 f"lr_scaling must be one of {LR_SCALING_RULES}, got {self.lr_scaling!r}"
             )
         if self.num_workers is None:
-            for name, flag in (("use_gpu", "--use-gpu"), ("address", "--address")):
+            for name, flag in (
+                ("use_gpu", "--use-gpu"),
+                ("address", "--address"),
+                ("storage_path", "--storage-path"),
+            ):
                 if getattr(self, name):
                     raise ValueError(
                         f"{flag} applies to Ray Train workers; add --num-workers N, or drop "
                         f"{flag} for a single-process run"
                     )
+            if self.lr_scaling != "linear":
+                raise ValueError(
+                    f"--lr-scaling {self.lr_scaling} applies to Ray Train workers; add "
+                    "--num-workers N, or drop it for a single-process run"
+                )
             return
         if self.num_workers < 1:
             raise ValueError(

@@ -178,6 +178,8 @@ def test_resume_continues_step_count(first_run: FirstRun, tiny_data: Path) -> No
         ({"num_workers": -2}, "num_workers must be at least 1, got -2"),
         ({"use_gpu": True}, "--use-gpu applies to Ray Train workers"),
         ({"address": "auto"}, "--address applies to Ray Train workers"),
+        ({"storage_path": "shared/ray"}, "--storage-path applies to Ray Train workers"),
+        ({"lr_scaling": "none"}, "--lr-scaling none applies to Ray Train workers"),
         ({"num_workers": 2, "device": "cuda"}, "device 'cuda' applies to single-process runs"),
         ({"num_workers": 2, "lr_scaling": "sqrt"}, "lr_scaling must be one of"),
         ({"loader_workers": -1}, "loader_workers must be 0 or more, got -1"),
