@@ -151,10 +151,11 @@ def runs_report(merged: dict[str, Any], fresh: Sequence[dict[str, Any]]) -> dict
 
     Returns:
         {"window_s", "replicas", "runs": [...], "totals": {...}}. Each run has "run_id",
-        "active" (a request in the last minute or images in flight), "images_in_flight",
-        and "lifetime" and "last_minute" usage: requests, images, patches_kept, macs_spent,
-        macs_saved, errors and latency_s (p50, p95 and p99 in seconds, or None without
-        requests). Active runs come first, then by lifetime images, most first.
+        "active" (a request, served or rejected, in the last minute or images in flight),
+        "images_in_flight", and "lifetime" and "last_minute" usage: requests, images,
+        patches_kept, macs_spent, macs_saved, errors and latency_s (p50, p95 and p99 in
+        seconds, or None without requests). Active runs come first, then by lifetime
+        images, most first.
     """
     lifetime: dict[str, dict[str, Any]] = {}
     counters = merged.get("counters", {})
@@ -187,7 +188,8 @@ def runs_report(merged: dict[str, Any], fresh: Sequence[dict[str, Any]]) -> dict
         runs.append(
             {
                 "run_id": run_id,
-                "active": run_recent["requests"] > 0 or images_in_flight > 0,
+                # Rejected requests count too: a run whose requests all fail is still sending.
+                "active": run_recent["requests"] + run_recent["errors"] > 0 or images_in_flight > 0,
                 "images_in_flight": images_in_flight,
                 "lifetime": _usage_view(run_lifetime),
                 "last_minute": _usage_view(run_recent),

@@ -242,3 +242,15 @@ def test_runs_report_merges_replicas() -> None:
 
 def test_latency_buckets_ascend() -> None:
     assert list(LATENCY_BUCKETS) == sorted(set(LATENCY_BUCKETS))
+
+
+def test_run_with_only_rejections_is_active() -> None:
+    metrics = ReplicaMetrics()
+    metrics.record_error(status=422, code="invalid_content", run_id="failing")
+    store = MetricsStore()
+    store.update("replica", metrics.snapshot(), now_s=0.0)
+    (run,) = store.runs(now_s=0.0)["runs"]
+    assert run["run_id"] == "failing"
+    assert run["last_minute"]["requests"] == 0
+    assert run["last_minute"]["errors"] == 1
+    assert run["active"] is True
