@@ -4,7 +4,7 @@ Trains the same student on Fashion-MNIST with the shipped teacher, the same reci
 in seven arms, several seeds each:
 
     no_teacher        labels only
-    full_kd           the teacher sees every patch
+    full_kd           the teacher gets every patch
     maskedkd_75/50/25 the teacher sees the patches with the student's highest CLS attention
     random_50         the teacher sees a random half of the patches
     student_mask_25   the student's own input loses a random 25% of its patches (timm's
@@ -44,27 +44,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipelines.demo import STUDENT_ARGS as DEMO_STUDENT_ARGS
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TEACHER = "checkpoints/fashion_mnist_vit_teacher.safetensors"
 
-# The README's student: a timm ViT of width 64, 4 blocks, 2 heads, 4x4 patches (0.2M params).
 STUDENT_ARGS = [
-    "--student",
-    "vit_tiny_patch16_224",
-    "--img-size",
-    "28",
-    "--patch-size",
-    "4",
-    "--in-chans",
-    "1",
-    "--num-classes",
-    "10",
-    "--embed-dim",
-    "64",
-    "--depth",
-    "4",
-    "--num-heads",
-    "2",
+    *DEMO_STUDENT_ARGS,
     # The teacher's normalisation, given to every arm so that no-teacher runs match.
     "--student-mean",
     "0.286",

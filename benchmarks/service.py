@@ -32,6 +32,7 @@ from typing import Any
 
 import httpx
 import torch
+from markdown_sections import replace_section
 
 from teacher_service.checkpoint import load_teacher, save_teacher
 from teacher_service.client import TeacherClient, encode_images
@@ -448,18 +449,6 @@ def _load_warning(results: dict[str, Any]) -> list[str]:
     ]
 
 
-def replace_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section of a markdown file, or append it."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    if SECTION_START in text and SECTION_END in text:
-        before = text[: text.index(SECTION_START)]
-        after = text[text.index(SECTION_END) + len(SECTION_END) :].lstrip("\n")
-        text = before + section + ("\n" + after if after else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 def main() -> None:
     """Run the benchmark, write the JSON file and the markdown section."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -472,7 +461,7 @@ def main() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2) + "\n")
     section = markdown_section(results)
-    replace_section(Path(config.results_md), section)
+    replace_section(Path(config.results_md), section, SECTION_START, SECTION_END)
     print(section)
 
 

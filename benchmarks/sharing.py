@@ -39,16 +39,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from markdown_sections import replace_section
+
+from pipelines.demo import STUDENT_ARGS
 
 logger = logging.getLogger(__name__)
 
 SECTION_START = "<!-- sharing benchmark: start -->"
 SECTION_END = "<!-- sharing benchmark: end -->"
-STUDENT_OPTIONS = (
-    "--student", "vit_tiny_patch16_224", "--img-size", "28", "--patch-size", "4",
-    "--in-chans", "1", "--num-classes", "10", "--embed-dim", "64", "--depth", "4",
-    "--num-heads", "2",
-)  # fmt: skip
 
 
 @dataclass
@@ -147,7 +145,7 @@ def _start_trainers(
         command = _cli(
             "train",
             "--data", config.data,
-            *STUDENT_OPTIONS,
+            *STUDENT_ARGS,
             "--teacher-url", url,
             "--keep-ratio", str(config.keep_ratio),
             "--masking", "student",
@@ -331,18 +329,6 @@ def render_section(results: dict[str, Any], command: str) -> str:
     return "\n".join(wrapped) + "\n"
 
 
-def replace_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section of a markdown file, or append it."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    if SECTION_START in text and SECTION_END in text:
-        before = text[: text.index(SECTION_START)]
-        after = text[text.index(SECTION_END) + len(SECTION_END) :].lstrip("\n")
-        text = before + section + ("\n" + after if after else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 def parse_args(argv: list[str] | None = None) -> SharingBenchmarkConfig:
     """Parse the command line into a config."""
     defaults = SharingBenchmarkConfig()
@@ -409,7 +395,8 @@ def main() -> None:
         f"--window-s {config.window_s:g} --trainer-threads {config.trainer_threads} "
         f"--service-threads {config.service_threads}"
     )
-    replace_section(Path(config.results_md), render_section(results, command))
+    section = render_section(results, command)
+    replace_section(Path(config.results_md), section, SECTION_START, SECTION_END)
     logger.info("wrote %s and %s", out, config.results_md)
 
 

@@ -25,6 +25,12 @@ logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_TEACHER = REPO_ROOT / "checkpoints" / "fashion_mnist_vit_teacher.safetensors"
+# The README's student: a timm ViT of width 64, 4 blocks, 2 heads, 4x4 patches (0.2M params).
+STUDENT_ARGS = (
+    "--student", "vit_tiny_patch16_224", "--img-size", "28", "--patch-size", "4",
+    "--in-chans", "1", "--num-classes", "10", "--embed-dim", "64", "--depth", "4",
+    "--num-heads", "2",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -77,26 +83,7 @@ class DemoConfig:
     source: Path = Path("/usr/share/datasets/fashion-mnist")
     data: Path = Path("data/fashion-mnist")
     teacher: Path = SHIPPED_TEACHER
-    student_args: list[str] = field(
-        default_factory=lambda: [
-            "--student",
-            "vit_tiny_patch16_224",
-            "--img-size",
-            "28",
-            "--patch-size",
-            "4",
-            "--in-chans",
-            "1",
-            "--num-classes",
-            "10",
-            "--embed-dim",
-            "64",
-            "--depth",
-            "4",
-            "--num-heads",
-            "2",
-        ]
-    )
+    student_args: list[str] = field(default_factory=lambda: list(STUDENT_ARGS))
     epochs: int = 4
     steps_per_epoch: int | None = 120
     max_steps: int | None = None
