@@ -65,8 +65,8 @@ logger = logging.getLogger(__name__)
 RECORDS_FIELD = "records"
 KEYS_FIELD = "trained_keys"
 DEFAULT_STORAGE_NAME = "ray_train"
-# Errors that a worker raises for bad input or a missing teacher; the driver raises them as
-# they are, so the command line reports them as it does for a single-process run.
+# Errors that a worker raises for bad input or a missing teacher. The driver re-raises them
+# unchanged, so the command line reports them as it does for a single-process run.
 PASSED_ON_ERRORS = (ValueError, FileNotFoundError, TeacherServiceError)
 
 

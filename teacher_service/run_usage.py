@@ -151,11 +151,11 @@ def runs_report(merged: dict[str, Any], fresh: Sequence[dict[str, Any]]) -> dict
 
     Returns:
         {"window_s", "replicas", "runs": [...], "totals": {...}}. Each run has "run_id",
-        "active" (a request, served or rejected, in the last minute or images in flight),
-        "images_in_flight", and "lifetime" and "last_minute" usage: requests, images,
-        patches_kept, macs_spent, macs_saved, errors and latency_s (p50, p95 and p99 in
-        seconds, or None without requests). Active runs come first, then by lifetime
-        images, most first.
+        "active", "images_in_flight", "lifetime" and "last_minute". A run is active after a
+        request, served or rejected, in the last minute, or with images in flight. The two
+        usage dicts contain requests, images, patches_kept, macs_spent, macs_saved, errors
+        and latency_s (p50, p95 and p99 in seconds, or None without requests). Active runs
+        come first, then by lifetime images, most first.
     """
     lifetime: dict[str, dict[str, Any]] = {}
     counters = merged.get("counters", {})

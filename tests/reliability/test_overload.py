@@ -5,8 +5,8 @@ The application admits 16 images in flight per replica (`max_images_in_flight`),
 routes at most 16 concurrent requests to it (`max_ongoing_requests`) and queues at most 16
 more (`max_queued_requests`). The burst sends 240 concurrent 4-image requests at once.
 Shed requests get 429 or 503. The service's own JSON errors carry `Retry-After`. Serve's
-proxy answers requests past its queue with a plain-text 503 of its own, without
-`Retry-After`, which the client SDK retries with exponential backoff instead.
+proxy rejects requests past its queue with a plain-text 503 of its own, without
+`Retry-After`. The client SDK retries those with exponential backoff instead.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 - The HTTP server binds 127.0.0.1 unless `--host` names another address.
 - Tokens never reach a log file, right or wrong.
-- The body limit holds before the body has arrived whole (a chunked upload).
+- The body limit is enforced before the body has arrived whole (a chunked upload).
 - Nothing from the network or a data file is unpickled: WebDataset members other than
   images, labels and JSON are never decoded, and checkpoints load as safetensors only.
 """

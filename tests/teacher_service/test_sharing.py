@@ -624,7 +624,7 @@ def test_runs_table_escapes_control_characters() -> None:
     assert "evil\\x1b[2J\\nrun" in table
 
 
-def test_status_page_escapes_control_characters_and_cuts_long_ids() -> None:
+def test_status_page_escapes_hostile_run_ids() -> None:
     from teacher_service.metrics import MetricsStore, ReplicaMetrics
     from teacher_service.status_page import format_runs_table, render_status_page
 
